@@ -1,0 +1,102 @@
+"""What a method declares: its model, its ordered stages, its predictions.
+
+The trainer (``cxr_jax.train.trainer``) runs any ``Method``; it knows no paper.
+
+A stage's loss is a pure function
+
+    loss(ctx: LossContext, params, batch, rng) -> (scalar loss, aux)
+
+where ``ctx.apply(params, *args, **kwargs) -> (outputs, new_batch_stats)``
+runs the model in training mode with the stage's ``apply_kwargs``, the current
+batch statistics, frozen parameters already wrapped in ``stop_gradient``, and
+``aux`` is a dict with ``"metrics"`` (dict of scalars, averaged over the log
+interval) and ``"batch_stats"`` (the updated statistics, or ``None`` when the
+model has none).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+Params = Any
+Batch = Mapping[str, jax.Array]
+
+
+class LossContext(NamedTuple):
+  apply: Callable[..., tuple[Any, Any]]  # (params, *args, **kw) -> (outputs, new_batch_stats)
+  extras: Any                            # TrainState.extras (e.g. BYOL target params)
+  step: jax.Array                        # global step, int32 scalar
+
+
+LossFn = Callable[[LossContext, Params, Batch, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a stage reads.
+
+  split: a split name the dataset provides ('train', 'val', 'test',
+    'annotated_train', 'annotated_val', ...).
+  maps: annotation maps rendered on the host into the batch as [N,H,W,1]
+    float32 in [0,1] ('gaze_map', 'box_map') or [N,P,P,K] ('box_grid').
+  augment: apply the config's training augmentations.
+  """
+  split: str = "train"
+  maps: tuple[str, ...] = ()
+  augment: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+  """Stop a stage when ``metric`` has not improved by ``tolerance`` (relative) for ``patience`` evals."""
+  metric: str = "auroc_mean"
+  mode: str = "max"
+  patience: int = 3
+  tolerance: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One training stage of a method.
+
+  trainable: regexes over '/'-joined param paths (e.g. 'head/.*'); leaves that
+    match none are frozen (optax.set_to_zero, stop_gradient, BatchNorm on
+    running averages through ``apply_kwargs``).
+  optimizer: ConfigDict read by ``cxr_jax.train.optim.make_optimizer``.
+  apply_kwargs: extra keyword arguments of the model's ``__call__`` in this
+    stage (e.g. ``{'train_backbone': False}``).
+  update_extras: optional ``(state) -> state`` run after each step (e.g. EMA).
+  init_extras: optional ``(params, extras) -> extras`` run when the stage starts.
+  """
+  name: str
+  loss: LossFn
+  steps: int
+  optimizer: ml_collections.ConfigDict
+  trainable: tuple[str, ...] = (".*",)
+  data: DataSpec = DataSpec()
+  apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  eval_every: int = 0
+  eval_split: str = "val"
+  early_stopping: EarlyStopping | None = None
+  update_extras: Callable[[Any], Any] | None = None
+  init_extras: Callable[[Any, Any], Any] | None = None
+
+
+class Method(Protocol):
+  """A paper, declared. See ``cxr_jax.methods.baseline`` for the smallest one."""
+  name: str
+
+  def model(self, config: ml_collections.ConfigDict) -> nn.Module:
+    """The Flax module; ``init`` is called on a [1,H,W,C] image batch."""
+
+  def stages(self, config: ml_collections.ConfigDict) -> Sequence[Stage]:
+    """Ordered stages; params carry over from one to the next."""
+
+  def predict(self, model: nn.Module, variables: Any, batch: Batch) -> dict[str, jax.Array]:
+    """Inference outputs: 'probs' [N,K] in [0,1]; optionally 'heatmaps' [N,h,w,K]."""

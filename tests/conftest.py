@@ -1,0 +1,27 @@
+"""Test setup: 8 simulated CPU devices, paths to the real NIH sample."""
+
+import os
+import pathlib
+
+# Must happen before jax is imported anywhere: tests see 8 CPU devices, so the
+# sharded code paths (mesh over ('data',)) are exercised without accelerators.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _nih_sample_dir() -> pathlib.Path:
+  env = os.environ.get("CXR_NIH_SAMPLE")
+  return pathlib.Path(env) if env else REPO.parent / "shared" / "data" / "nih14_sample"
+
+
+@pytest.fixture(scope="session")
+def nih_sample_dir() -> pathlib.Path:
+  """The real NIH ChestX-ray14 sample (../shared/data/nih14_sample or $CXR_NIH_SAMPLE)."""
+  path = _nih_sample_dir()
+  if not (path / "Data_Entry_2017_v2020.csv").exists():
+    pytest.skip(f"real NIH sample not found at {path} (set CXR_NIH_SAMPLE)")
+  return path
