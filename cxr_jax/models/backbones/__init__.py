@@ -1,0 +1,5 @@
+"""Backbones (ResNet v1 / pre-act with BlurPool, DenseNet-121, VGG-16): ``get_backbone(name, ...)``."""
+
+from cxr_jax.models.backbones.registry import BACKBONES, get_backbone
+
+__all__ = ["BACKBONES", "get_backbone"]
