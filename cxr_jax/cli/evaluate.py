@@ -35,6 +35,7 @@ def main(argv):
   from cxr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from cxr_jax.train import parallel  # pylint: disable=g-import-not-at-top
   from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  cli_flags.quiet_library_logs()
   parallel.maybe_initialize_distributed()
   method, model, variables, mesh = trainer.restore_for_eval(FLAGS.config, FLAGS.workdir)
   stage = list(method.stages(FLAGS.config))[-1].name  # the trainer's final eval names it so

@@ -6,12 +6,15 @@ A stage's loss is a pure function
 
     loss(ctx: LossContext, params, batch, rng) -> (scalar loss, aux)
 
-where ``ctx.apply(params, *args, **kwargs) -> (outputs, new_batch_stats)``
-runs the model in training mode with the stage's ``apply_kwargs``, the current
-batch statistics, frozen parameters already wrapped in ``stop_gradient``, and
-``aux`` is a dict with ``"metrics"`` (dict of scalars, averaged over the log
-interval) and ``"batch_stats"`` (the updated statistics, or ``None`` when the
-model has none).
+where ``params`` already has ``stop_gradient`` on the stage's frozen leaves,
+``ctx.apply(params, *args, **kwargs) -> (outputs, new_batch_stats)`` is
+``model.apply`` in training mode (``train=True``, the stage's ``apply_kwargs``,
+then ``kwargs``, which win; ``method=`` and ``rngs=`` pass through to Flax) with
+the state's batch statistics and a 'dropout' rng, returning ``None`` for the
+statistics when the model has none, and ``aux`` is a dict with ``"metrics"``
+(dict of float scalars, averaged over the log interval) and ``"batch_stats"``
+(the updated statistics; missing or ``None`` keeps them). Statistics of frozen
+modules are kept unchanged by the trainer whatever the loss returns.
 """
 
 from __future__ import annotations
@@ -54,8 +57,12 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
-  """Stop a stage when ``metric`` has not improved by ``tolerance`` (relative) for ``patience`` evals."""
-  metric: str = "auroc_mean"
+  """Stop a stage when ``metric`` has not improved by ``tolerance`` (relative) for ``patience`` evals.
+
+  metric: '/'-path into the evaluator's payload, e.g. 'classification/auroc/mean'.
+  Improvement (mode 'max'): value > best + tolerance * |best| (mirrored for 'min').
+  """
+  metric: str = "classification/auroc/mean"
   mode: str = "max"
   patience: int = 3
   tolerance: float = 0.01
@@ -71,8 +78,14 @@ class Stage:
   optimizer: ConfigDict read by ``cxr_jax.train.optim.make_optimizer``.
   apply_kwargs: extra keyword arguments of the model's ``__call__`` in this
     stage (e.g. ``{'train_backbone': False}``).
-  update_extras: optional ``(state) -> state`` run after each step (e.g. EMA).
+  update_extras: optional ``(state) -> state`` run after each step, inside
+    the jitted step (e.g. EMA).
   init_extras: optional ``(params, extras) -> extras`` run when the stage starts.
+  batch_size: global batch size of this stage (0 = ``config.batch_size``).
+  eval_every: evaluate on ``eval_split`` every this many stage steps and at the
+    stage's end (0 = never).
+  select_best: when the stage evaluates, end it with the best-evaluated params
+    (by ``early_stopping.metric``, or ``EarlyStopping().metric`` without it).
   """
   name: str
   loss: LossFn
@@ -86,6 +99,8 @@ class Stage:
   early_stopping: EarlyStopping | None = None
   update_extras: Callable[[Any], Any] | None = None
   init_extras: Callable[[Any, Any], Any] | None = None
+  batch_size: int = 0
+  select_best: bool = True
 
 
 class Method(Protocol):

@@ -1,0 +1,48 @@
+"""cxr-train: train and evaluate a method from a config file.
+
+  cxr-train --config=configs/quickstart.py --workdir=/tmp/quickstart
+  cxr-train --config=configs/baseline.py:dataset=nih,backbone=resnet50 \
+            --workdir=/tmp/b --config.batch_size=128
+
+Writes checkpoints, TensorBoard events, WORKDIR/eval/<split>.json and
+WORKDIR/report/*.png. Re-running with the same workdir resumes. Launched with
+several processes (SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID set), it initialises jax.distributed first.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from cxr_jax.cli import flags as cli_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/baseline.py[:dataset=nih,...].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, eval JSON and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from cxr_jax.train import parallel  # pylint: disable=g-import-not-at-top
+  from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  cli_flags.quiet_library_logs()
+  parallel.maybe_initialize_distributed()
+  logging.info("config:\n%s", FLAGS.config)
+  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run():
+  cli_flags.add_config_root_to_path(sys.argv)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

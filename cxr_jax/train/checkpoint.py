@@ -1,0 +1,92 @@
+"""Orbax checkpoints of a run.
+
+WORKDIR/checkpoints/<step>/   the latest ``keep`` checkpoints: 'state' (the
+                              TrainState) and 'meta' (JSON: stage index and name,
+                              step within the stage, data-iterator state,
+                              early-stopping bookkeeping). Saved asynchronously.
+WORKDIR/best/<stage>/<step>/  per stage, the best-evaluated TrainState
+                              (orbax best_fn on the stage's metric, keep 1).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract(tree):
+  """ShapeDtypeStructs carrying each leaf's sharding: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class RunCheckpoints:
+  """The latest-N and best-per-stage checkpoint managers of one workdir."""
+
+  def __init__(self, workdir: str, keep: int):
+    self.workdir = workdir
+    self.latest = ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
+                                             cleanup_tmp_directories=True))
+    self._best: dict[str, ocp.CheckpointManager] = {}
+
+  def latest_meta(self) -> tuple[int, dict] | None:
+    """(step, meta) of the newest finished checkpoint, or None."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    restored = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return step, restored["meta"]
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, like):
+    """The TrainState saved at ``step``, with the structure and shardings of ``like``."""
+    restored = self.latest.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like))))
+    return restored["state"]
+
+  def best(self, stage: str, mode: str) -> ocp.CheckpointManager:
+    if stage not in self._best:
+      self._best[stage] = ocp.CheckpointManager(
+          os.path.join(self.workdir, "best", stage),
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=1, best_fn=lambda m: m["value"], best_mode=mode,
+              keep_checkpoints_without_metrics=False, create=True, cleanup_tmp_directories=True))
+    return self._best[stage]
+
+  def save_best(self, stage: str, mode: str, step: int, state, value: float) -> None:
+    manager = self.best(stage, mode)
+    if step in manager.all_steps():
+      manager.delete(step)
+    manager.save(step, args=ocp.args.StandardSave(state), metrics={"value": float(value)})
+
+  def drop_best_after(self, stage: str, mode: str, step: int) -> None:
+    """Forget best checkpoints newer than ``step`` (written by a run that was killed)."""
+    manager = self.best(stage, mode)
+    for s in manager.all_steps():
+      if s > step:
+        manager.delete(s)
+
+  def restore_best(self, stage: str, mode: str, like) -> tuple[int, Any] | None:
+    manager = self.best(stage, mode)
+    manager.wait_until_finished()
+    step = manager.best_step()
+    if step is None:
+      return None
+    return step, manager.restore(step, args=ocp.args.StandardRestore(abstract(like)))
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    for manager in self._best.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    for manager in self._best.values():
+      manager.close()
