@@ -115,3 +115,11 @@ class Method(Protocol):
 
   def predict(self, model: nn.Module, variables: Any, batch: Batch) -> dict[str, jax.Array]:
     """Inference outputs: 'probs' [N,K] in [0,1]; optionally 'heatmaps' [N,h,w,K]."""
+
+  def cam_target(self, model: nn.Module, variables: Any
+                 ) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], jax.Array]]:
+    """(features_fn, head_fn) for CAMs (``cxr_jax.cam``), in inference mode.
+
+    features_fn: images [N,H,W,C] -> the conv map CAMs explain [N,h,w,D];
+    head_fn: that map -> class logits [N,K] (everything after it, pure).
+    """

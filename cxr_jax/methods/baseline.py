@@ -88,3 +88,9 @@ class Baseline:
     outputs = model.apply(variables, batch["image"], train=False)
     return {"probs": jax.nn.sigmoid(outputs["logits"]),
             "heatmaps": class_activation_maps(outputs["features"], variables["params"]["head"])}
+
+  def cam_target(self, model: nn.Module, variables):
+    head = variables["params"]["head"]
+    features_fn = lambda images: model.apply(variables, images, train=False)["features"]
+    head_fn = lambda f: jnp.mean(f.astype(jnp.float32), axis=(1, 2)) @ head["kernel"] + head["bias"]
+    return features_fn, head_fn
