@@ -1,0 +1,93 @@
+"""Renders a grid of synthetic phantoms with their boxes and gaze to a PNG.
+
+  cxr-phantoms --out=docs/phantoms.png --size=128 --num=16 --columns=4 --seed=0
+
+Boxes are drawn in a colour per class with the class name; gaze fixations are
+circles centred on (x, y) with a radius proportional to their duration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from cxr_jax.data import schema  # pylint: disable=g-import-not-at-top
+from cxr_jax.data.sources import synthetic  # pylint: disable=g-import-not-at-top
+
+# Fixation circle radius, as a fraction of the image size per second of dwell.
+GAZE_RADIUS_PER_SECOND = 0.03
+
+
+def plot_grid(examples: list[dict], columns: int, class_names=schema.NIH14.classes,
+              tile_inches: float = 2.6) -> plt.Figure:
+  """A figure with one panel per Example: image, boxes with class names, gaze."""
+  rows = -(-len(examples) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(columns * tile_inches, rows * tile_inches),
+                           squeeze=False)
+  colours = plt.get_cmap("tab20")(np.linspace(0, 1, len(class_names), endpoint=False))
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, ex in zip(axes.flat, examples):
+    h, w = ex["image"].shape
+    ax.imshow(ex["image"], cmap="gray", vmin=0, vmax=255, extent=(0, 1, 1, 0))
+    for fx, fy, seconds in ex["gaze"][ex["gaze"][:, 2] > 0]:
+      ax.add_patch(plt.Circle((fx, fy), GAZE_RADIUS_PER_SECOND * seconds, fill=False,
+                              color="#ffdd00", lw=0.6, alpha=0.7))
+    for (x0, y0, x1, y1), c in zip(ex["boxes"], ex["box_labels"]):
+      if c < 0:
+        continue
+      ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False,
+                                 color=colours[c], lw=1.2))
+      ax.text(x0, y0, class_names[c], color=colours[c], fontsize=6, va="bottom",
+              clip_on=True)
+    findings = [class_names[c] for c in np.flatnonzero(ex["labels"])] or ["No Finding"]
+    ax.set_title(f"{ex['image_id']} ({h}x{w})\n" + ", ".join(findings), fontsize=6)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(1, 0)
+  fig.tight_layout()
+  return fig
+
+
+def save_figure_atomically(fig: plt.Figure, path: str, dpi: int = 100) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=".phantoms-", suffix=".png", dir=directory)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      fig.savefig(f, format="png", dpi=dpi)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def run(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="phantoms.png", help="output PNG path")
+  parser.add_argument("--size", type=int, default=128, help="image size in pixels")
+  parser.add_argument("--num", type=int, default=16, help="number of phantoms")
+  parser.add_argument("--seed", type=int, default=0, help="phantom set seed")
+  parser.add_argument("--offset", type=int, default=0, help="index of the first phantom")
+  parser.add_argument("--columns", type=int, default=4, help="panels per row")
+  parser.add_argument("--dpi", type=int, default=100)
+  args = parser.parse_args(argv)
+  if args.num < 1 or args.columns < 1:
+    parser.error(f"--num={args.num} and --columns={args.columns} must be >= 1")
+  source = synthetic.SyntheticPhantoms(num_examples=args.num, image_size=args.size,
+                                       seed=args.seed, offset=args.offset)
+  fig = plot_grid([source[i] for i in range(len(source))], args.columns)
+  save_figure_atomically(fig, args.out, dpi=args.dpi)
+  plt.close(fig)
+  print(f"wrote {args.out}: {args.num} phantoms at {args.size} px")
+
+
+if __name__ == "__main__":
+  run()
