@@ -10,7 +10,15 @@ copy overlaps the device's work.
 The JSON (DESIGN.md, "Evaluation output"):
 
   {"method", "dataset", "stage", "split", "num_examples", "auroc_mean",
-   "classification": metrics.classification_report(...), "localization": {}}
+   "classification": metrics.classification_report(...),
+   "localization": BoxLocalizer.result() for splits with boxes, else {}}
+
+Localization (Kim 2022 / Wang 2017 / Talasila 2023 box protocol, see
+``localization.box_scores``) runs in the same pass as prediction: for a batch
+that carries boxes, one more jitted call computes the class heat maps of the
+label space's boxed classes at feature resolution; on the host only the maps
+of the classes boxed in each row are upsampled, scored and dropped, so memory
+stays at one batch. A few overlays are kept for the report.
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cxr_jax import cam
 from cxr_jax.data import schema
+from cxr_jax.evaluation import localization
 from cxr_jax.evaluation import metrics
 from cxr_jax.evaluation import report
 
@@ -62,6 +72,139 @@ def cached_predict_fn(method, model, mesh: Mesh) -> Callable:
   return _PREDICT_FNS[key][2]
 
 
+def make_heatmap_fn(method, model, mesh: Mesh, kind: str, classes: tuple[int, ...]) -> Callable:
+  """jit((variables, batch) -> heat maps [N,C,h,w] of ``classes``), sharded over 'data'.
+
+  kind: one of ``cam.KINDS`` (from ``method.cam_target``), or 'predict': the
+  method's own ``predict(...)['heatmaps']`` (the baseline's Zhou CAM).
+  """
+  if kind not in cam.KINDS + ("predict",):
+    raise ValueError(f"unknown config.cam {kind!r}; known: {list(cam.KINDS + ('predict',))}")
+  data = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  class_array = np.asarray(classes, np.int32)
+
+  def heatmaps(variables, batch):
+    if kind == "predict":
+      maps = method.predict(model, variables, batch)["heatmaps"]  # [N,h,w,K]
+      return jnp.moveaxis(maps.astype(jnp.float32), -1, 1)[:, class_array]
+    features_fn, head_fn = method.cam_target(model, variables)
+    return cam.class_heatmaps(kind, features_fn, head_fn, batch["image"], classes=class_array)
+
+  return jax.jit(heatmaps, in_shardings=(replicated, data), out_shardings=data)
+
+
+class BoxLocalizer:
+  """Scores the batches that carry boxes (``localization.box_scores``) and keeps a few overlays.
+
+  ``dispatch`` starts the heat map computation of a batch (or returns None
+  when the batch has no box); ``collect`` receives its host copy with the
+  batch's host entries; ``result`` is the eval JSON's 'localization' entry.
+  """
+
+  def __init__(self, heatmap_fn: Callable, classes: tuple[int, ...], class_names, *, kind: str,
+               threshold: float, mode: str, largest_only: bool, num_overlays: int = 8):
+    self.heatmap_fn, self.classes, self.class_names = heatmap_fn, classes, tuple(class_names)
+    self.kind, self.threshold, self.mode, self.largest_only = kind, threshold, mode, largest_only
+    self.num_overlays = num_overlays
+    self.scores: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    self.overlays: dict[str, list] = {"images": [], "heatmaps": [], "gt": [], "pred": [],
+                                      "titles": []}
+
+  def dispatch(self, variables, batch: Mapping[str, Any]):
+    if "box_labels" not in batch or "boxes" not in batch:
+      return None
+    if not _any_box(batch["box_labels"]):
+      return None
+    wants_images = len(self.overlays["images"]) < self.num_overlays
+    return {"maps": self.heatmap_fn(variables, _device_part(batch)),
+            **({"image": batch["image"]} if wants_images else {})}
+
+  def collect(self, outputs: Mapping[str, np.ndarray], host: Mapping[str, Any],
+              image_size: tuple[int, int]) -> None:
+    maps = np.asarray(outputs["maps"])
+    labels, boxes = np.asarray(host["box_labels"]), np.asarray(host["boxes"])
+    valid = np.asarray(host.get("valid", np.ones(len(labels))), bool)
+    channel_of = {k: c for c, k in enumerate(self.classes)}
+    for row in np.nonzero(valid & np.any(labels >= 0, axis=1))[0]:
+      present = [k for k in dict.fromkeys(labels[row][labels[row] >= 0].tolist()) if k in channel_of]
+      if not present:
+        continue
+      full = localization.resize_normalized(maps[row, [channel_of[k] for k in present]], image_size)
+      self.scores.append(localization.box_scores(
+          full[None], boxes[row][None], labels[row][None], self.threshold, self.mode,
+          self.largest_only, channel_classes=present))
+      if "image" in outputs and len(self.overlays["images"]) < self.num_overlays:
+        first = labels[row] == present[0]
+        self.overlays["images"].append(np.asarray(outputs["image"][row]))
+        self.overlays["heatmaps"].append(full[0])
+        self.overlays["gt"].append(boxes[row][first])
+        self.overlays["pred"].append(localization.heatmap_to_boxes(
+            full[0], self.threshold, self.mode, self.largest_only))
+        self.overlays["titles"].append(f"#{host['index'][row] if 'index' in host else row} "
+                                       f"{self.class_names[present[0]]}")
+
+  def result(self) -> dict:
+    """{} without boxes; else the protocol, accuracy tables (IoU > T, T = 0.3/0.5/0.7; IoR),
+    box counts and the mean IoU per class (Talasila 2023 reports the average IoU)."""
+    if not self.scores:
+      return {}
+    cls, ious, iors = (np.concatenate(parts) for parts in zip(*self.scores))
+    if not len(cls):
+      return {}
+    mean_iou = {self.class_names[k]: float(ious[cls == k].mean()) for k in np.unique(cls)}
+    mean_iou["mean"] = float(np.mean(list(mean_iou.values())))
+    thresholds = (0.1, 0.3, 0.5, 0.7)
+    return {"protocol": "boxes from connected components of the binarized heat map; "
+                        "a GT box is correct if its best-IoU predicted box has IoU > T",
+            "cam": self.kind, "binarize_threshold": self.threshold, "binarize_mode": self.mode,
+            "largest_only": self.largest_only,
+            "iou": localization.accuracy_table(cls, ious, thresholds, self.class_names, True),
+            "ior": localization.accuracy_table(cls, iors, thresholds, self.class_names, True),
+            "mean_iou": mean_iou, "count": localization.counts(cls, self.class_names)}
+
+  def write_overlays(self, path: str) -> str | None:
+    if not self.overlays["images"]:
+      return None
+    o = self.overlays
+    return report.write_overlays(np.stack(o["images"]), np.stack(o["heatmaps"]), o["gt"],
+                                 o["pred"], path, titles=o["titles"])
+
+
+def box_localizer(method, model, config, mesh: Mesh) -> BoxLocalizer | None:
+  """The ``BoxLocalizer`` ``config`` asks for, or None (config.cam = 'none', no boxed class in
+  the label space, or a method without ``cam_target`` for a gradient / score CAM).
+
+  Config fields (with defaults): cam ('gradcam'; 'gradcam++', 'scorecam', 'predict', 'none'),
+  cam_threshold (127/255, Talasila 2023), cam_threshold_mode ('absolute', on the min-max
+  normalized map; or 'fraction_of_max'), cam_largest_only (False: every component).
+  """
+  kind = config.get("cam", "gradcam")
+  label_space = schema.get_label_space(config.data.label_space)
+  classes = tuple(label_space.boxed_indices)
+  if kind == "none" or not classes or (kind != "predict" and not hasattr(method, "cam_target")):
+    return None
+  key = (id(method), id(model), mesh, kind, classes)
+  if key not in _HEATMAP_FNS:
+    _HEATMAP_FNS[key] = (method, model, make_heatmap_fn(method, model, mesh, kind, classes))
+  return BoxLocalizer(_HEATMAP_FNS[key][2], classes, label_space.classes, kind=kind,
+                      threshold=float(config.get("cam_threshold", 127 / 255)),
+                      mode=config.get("cam_threshold_mode", "absolute"),
+                      largest_only=bool(config.get("cam_largest_only", False)))
+
+
+_HEATMAP_FNS: dict[tuple, tuple[Any, Any, Callable]] = {}
+
+
+def _any_box(box_labels) -> bool:
+  """Whether any row of the batch has a box; the same answer on every process (the heat map
+  jit is a collective). Reads input data only, so it never waits on device compute."""
+  if isinstance(box_labels, jax.Array) and not box_labels.is_fully_addressable:
+    local = any(np.any(np.asarray(shard.data) >= 0) for shard in box_labels.addressable_shards)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(local))))
+  return bool(np.any(np.asarray(box_labels) >= 0))
+
+
 def _fetch(tree):
   """Device -> host numpy; gathers the global arrays when there are several processes."""
   if jax.process_count() > 1:
@@ -80,7 +223,8 @@ def _device_part(batch: Mapping[str, Any]) -> dict:
 
 
 def predict_split(predict_fn: Callable, variables, batches: Iterable[Mapping[str, Any]],
-                  keep_heatmaps: bool = False) -> dict[str, np.ndarray]:
+                  keep_heatmaps: bool = False,
+                  localizer: BoxLocalizer | None = None) -> dict[str, np.ndarray]:
   """Runs ``predict_fn`` over ``batches`` and keeps the valid rows, in order.
 
   batches: dicts with 'image' [N,...], 'labels' [N,K], 'label_mask' [N,K],
@@ -88,14 +232,17 @@ def predict_split(predict_fn: Callable, variables, batches: Iterable[Mapping[str
     'index' [N] (example index; absent = running row number).
   Returns numpy 'probs' [M,K] float32, 'labels' [M,K], 'label_mask' [M,K],
   'index' [M] over the M valid rows, and 'heatmaps' [M,h,w,K] when
-  ``keep_heatmaps`` and the method returns them.
+  ``keep_heatmaps`` and the method returns them. A ``localizer`` also scores
+  the batches that carry boxes (fetched with the same ``device_get``).
   """
   parts: dict[str, list[np.ndarray]] = {}
   seen = 0
 
   def collect(host):
     nonlocal seen
-    outputs, batch_host = host
+    outputs, batch_host, located, image_size = host
+    if located is not None:
+      localizer.collect(located, batch_host, image_size)
     n = len(batch_host["labels"])
     valid = np.asarray(batch_host.get("valid", np.ones(n)), bool)
     index = batch_host.get("index", np.arange(seen, seen + n))
@@ -111,7 +258,10 @@ def predict_split(predict_fn: Callable, variables, batches: Iterable[Mapping[str
   for batch in batches:
     outputs = predict_fn(variables, _device_part(batch))
     wanted = {k: v for k, v in outputs.items() if keep_heatmaps or k != "heatmaps"}
-    current = (wanted, {k: batch[k] for k in HOST_KEYS if k in batch})
+    located = localizer.dispatch(variables, batch) if localizer is not None else None
+    host_keys = HOST_KEYS + (("boxes", "box_labels") if located is not None else ())
+    current = (wanted, {k: batch[k] for k in host_keys if k in batch}, located,
+               tuple(batch["image"].shape[1:3]))
     if pending is not None:
       collect(_fetch(pending))
     pending = current
@@ -137,7 +287,8 @@ def _default_make_iterator(*args, **kwargs):
 
 
 def predict_on(method, model, variables, config, split: str, *, mesh: Mesh,
-               make_iterator: Callable | None = None, keep_heatmaps: bool = False) -> dict:
+               make_iterator: Callable | None = None, keep_heatmaps: bool = False,
+               localizer: BoxLocalizer | None = None) -> dict:
   """``predict_split`` over ``split`` of ``config.data`` (unshuffled, unaugmented, one epoch)."""
   make_iterator = make_iterator or _default_make_iterator
   batches = make_iterator(config.data, split, batch_size=config.eval_batch_size,
@@ -146,7 +297,8 @@ def predict_on(method, model, variables, config, split: str, *, mesh: Mesh,
   predict_fn = cached_predict_fn(method, model, mesh)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
   try:
-    return predict_split(predict_fn, variables, batches, keep_heatmaps=keep_heatmaps)
+    return predict_split(predict_fn, variables, batches, keep_heatmaps=keep_heatmaps,
+                         localizer=localizer)
   finally:
     close = getattr(batches, "close", None)  # the pipeline's prefetch thread
     if close is not None:
@@ -162,15 +314,20 @@ def evaluate(method, model, variables, config, split: str, workdir: str | None, 
   are chosen to maximize F1 on the 'val' split (predicted here too when
   ``split`` is not 'val'; for 'val' itself they are chosen on val), and the
   JSON says so in classification.f1.threshold_source.
+  Localization ('localization' entry, ``box_localizer``): on the rows of
+  ``split`` that carry boxes, with config.cam heat maps; {} when none do.
   Writes WORKDIR/eval/<split>.json (process 0, atomically) when ``workdir`` is
-  given, and ROC / PR curves under WORKDIR/report/ when ``write_curves``.
+  given, and ROC / PR curves and CAM overlays (cam_<split>.png) under
+  WORKDIR/report/ when ``write_curves``.
   Returns the JSON payload.
   """
   class_names = schema.get_label_space(config.data.label_space).classes
-  def run(s):
-    return predict_on(method, model, variables, config, s, mesh=mesh, make_iterator=make_iterator)
+  def run(s, localizer=None):
+    return predict_on(method, model, variables, config, s, mesh=mesh, make_iterator=make_iterator,
+                      localizer=localizer)
 
-  out = run(split)
+  localizer = box_localizer(method, model, config, mesh)
+  out = run(split, localizer)
   if out["probs"].shape[1] != len(class_names):
     raise ValueError(f"method {method.name!r} predicts {out['probs'].shape[1]} classes; label "
                      f"space {config.data.label_space!r} (config.data.label_space) has "
@@ -191,11 +348,13 @@ def evaluate(method, model, variables, config, split: str, workdir: str | None, 
       "num_examples": int(len(out["probs"])),
       "auroc_mean": classification["auroc"]["mean"],
       "classification": classification,
-      "localization": {},
+      "localization": localizer.result() if localizer is not None else {},
   }
   if workdir is not None and jax.process_index() == 0:
     write_json_atomic(os.path.join(workdir, "eval", f"{split}.json"), payload)
     if write_curves:
       report.write_curves(out["probs"], out["labels"], out["label_mask"], class_names,
                           os.path.join(workdir, "report"), split)
+      if localizer is not None:
+        localizer.write_overlays(os.path.join(workdir, "report", f"cam_{split}.png"))
   return payload
