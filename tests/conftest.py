@@ -10,6 +10,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
+# The parity tests' torch (CUDA wheels) brings triton, whose native library
+# segfaults when loaded after TensorFlow (clu imports it): load it first.
+try:
+  import triton  # noqa: E402,F401
+except ImportError:
+  pass
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
