@@ -1,0 +1,258 @@
+"""van Sonsbeek 2023 (VKD): KL, reparameterisation, stage losses, freezing through the trainer."""
+
+import json
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import _trainer_worker as w
+from configs import vkd as vkd_config
+from cxr_jax import losses
+from cxr_jax.methods import get_method
+from cxr_jax.methods import vkd
+from cxr_jax.methods.base import LossContext
+from cxr_jax.models.vkd import VKDModel, reparameterize
+from cxr_jax.train import optim, trainer
+
+
+def numpy_kl(mu_q, logvar_q, mu_p, logvar_p):
+  """Textbook float64 KL of diagonal Gaussians from variances, summed over the last axis."""
+  mu_q, logvar_q, mu_p, logvar_p = (np.asarray(a, np.float64) for a in (mu_q, logvar_q, mu_p, logvar_p))
+  var_q, var_p = np.exp(logvar_q), np.exp(logvar_p)
+  return 0.5 * np.sum(np.log(var_p / var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1.0, axis=-1)
+
+
+def test_gaussian_kl_matches_float64_formula_and_monte_carlo():
+  rng = np.random.default_rng(0)
+  shape = (5, 6)
+  mu_q, mu_p = rng.normal(size=shape), rng.normal(size=shape)
+  logvar_q, logvar_p = rng.uniform(-2, 1.5, size=shape), rng.uniform(-2, 1.5, size=shape)
+  kl = np.asarray(losses.gaussian_kl(mu_q, logvar_q, mu_p, logvar_p))
+  assert kl.shape == (5,)
+  np.testing.assert_allclose(kl, numpy_kl(mu_q, logvar_q, mu_p, logvar_p), rtol=1e-5)
+
+  # Monte Carlo: KL = E_q[log q(z) - log p(z)], z ~ q.
+  num = 100_000
+  z = mu_q + np.exp(0.5 * logvar_q) * rng.normal(size=(num,) + shape)
+  log_density = lambda z, mu, logvar: -0.5 * (np.log(2 * np.pi) + logvar + (z - mu) ** 2 / np.exp(logvar))
+  terms = np.sum(log_density(z, mu_q, logvar_q) - log_density(z, mu_p, logvar_p), axis=-1)  # [num, 5]
+  stderr = terms.std(axis=0) / np.sqrt(num)
+  assert np.all(np.abs(terms.mean(axis=0) - kl) < 5 * stderr + 1e-6)
+
+  # q = p gives 0; N(0, I) prior is the Eq. 3 special case.
+  np.testing.assert_allclose(losses.gaussian_kl(mu_q, logvar_q, mu_q, logvar_q), 0.0, atol=1e-6)
+  np.testing.assert_allclose(losses.gaussian_kl(mu_q, logvar_q, 0.0, 0.0),
+                             numpy_kl(mu_q, logvar_q, np.zeros(shape), np.zeros(shape)), rtol=1e-5)
+
+
+def test_gaussian_kl_is_accurate_near_zero_and_finite_at_extremes():
+  # q within 1e-4 of p in log-variance: float32 exp(d) - 1 - d would cancel to noise.
+  logvar_p = np.full((1, 64), 0.3, np.float32)
+  logvar_q = logvar_p + np.float32(1e-4)   # float32 inputs: the reference sees the same values
+  kl = float(losses.gaussian_kl(np.zeros((1, 64)), logvar_q, np.zeros((1, 64)), logvar_p)[0])
+  np.testing.assert_allclose(kl, numpy_kl(np.zeros(64), logvar_q[0], np.zeros(64), logvar_p[0]),
+                             rtol=1e-4)
+  big = losses.gaussian_kl(jnp.full((2, 4), 30.0), jnp.full((2, 4), 40.0), 0.0, jnp.full((2, 4), -40.0))
+  grads = jax.grad(lambda lq: jnp.sum(losses.gaussian_kl(1.0, lq, 0.0, 20.0)))(jnp.full((3,), -60.0))
+  assert np.all(np.isfinite(big)) and np.all(np.isfinite(grads))
+
+
+def test_reparameterisation_gradient_is_finite_and_unbiased():
+  # d/dmu E[z^2] = 2 mu, d/dlogvar E[z^2] = exp(logvar) for z ~ N(mu, exp(logvar)).
+  mu, logvar = jnp.array([0.5, -1.0, 2.0]), jnp.array([0.0, -1.0, 0.7])
+  objective = lambda m, lv: jnp.mean(jnp.square(reparameterize(m, lv, jax.random.key(0), 200_000)))
+  g_mu, g_logvar = jax.grad(objective, argnums=(0, 1))(mu, logvar)
+  assert np.all(np.isfinite(g_mu)) and np.all(np.isfinite(g_logvar))
+  np.testing.assert_allclose(g_mu * 3, 2 * mu, atol=0.05)       # mean over 3 dims divides by 3
+  np.testing.assert_allclose(g_logvar * 3, jnp.exp(logvar), atol=0.05)
+
+
+class TinyVKD(vkd.VKD):
+  """VKD with the trainer tests' two-conv backbone (with BatchNorm) for both encoders."""
+
+  def backbone(self, config):
+    return w.TinyNet()
+
+
+def tiny_vkd_config(release="ch2_prior", annotation="gaze+boxes"):
+  c = vkd_config.get_config(f"runlocal,release={release},annotation={annotation}")
+  c.unlock()
+  c.data.image_size = 32
+  c.train_steps, c.eval_every, c.log_every, c.checkpoint_every = 6, 6, 3, 100
+  c.vkd.stage2.steps, c.vkd.stage2.eval_every, c.vkd.stage2.batch_size = 6, 6, 16
+  c.vkd.stage2.optimizer.learning_rate = 1e-2
+  c.vkd.train_samples = 2
+  c.lock()
+  return c
+
+
+def _init(method, config):
+  model = method.model(config)
+  x = jnp.zeros((1, config.data.image_size, config.data.image_size, 1))
+  return model, model.init({"params": jax.random.key(0)}, x)
+
+
+def _context(model, variables, **stage_kwargs):
+  def apply(params, *args, **kw):
+    out, updated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, *args,
+                               train=True, mutable=["batch_stats"], **{**stage_kwargs, **kw})
+    return out, updated["batch_stats"]
+  return LossContext(apply=apply, extras={}, step=jnp.int32(0))
+
+
+def _batch(config, n=4, seed=0):
+  rng = np.random.default_rng(seed)
+  s = config.data.image_size
+  return {"image": jnp.asarray(rng.normal(size=(n, s, s, 1)), jnp.float32),
+          "labels": jnp.asarray(rng.uniform(size=(n, 14)) < 0.3, jnp.float32),
+          "label_mask": jnp.ones((n, 14)), "valid": jnp.ones(n),
+          "gaze_map": jnp.asarray(rng.uniform(size=(n, s, s, 1)), jnp.float32),
+          "box_map": jnp.asarray(rng.uniform(size=(n, s, s, 1)) > 0.7, jnp.float32)}
+
+
+def _prior_grad_norm(grads):
+  flat = traverse_util.flatten_dict(grads, sep="/")
+  return sum(float(jnp.sum(jnp.square(g))) for k, g in flat.items() if k.startswith("prior_"))
+
+
+def test_prior_network_is_used_only_in_stage_two():
+  config = tiny_vkd_config()
+  method = TinyVKD()
+  base, prior = method.stages(config)
+  assert (base.data.split, base.data.maps) == ("train", ())
+  assert (prior.data.split, prior.data.maps) == ("annotated_train", ("gaze_map", "box_map"))
+  model, variables = _init(method, config)
+  batch = _batch(config)
+  other = {**batch, "gaze_map": 1.0 - batch["gaze_map"], "box_map": 1.0 - batch["box_map"]}
+  rng = jax.random.key(1)
+
+  def loss_and_grads_fn(stage):
+    ctx = _context(model, variables, **stage.apply_kwargs)
+    f = jax.jit(jax.value_and_grad(lambda p, b: stage.loss(ctx, p, b, rng), has_aux=True))
+
+    def run(b):
+      (loss, aux), grads = f(variables["params"], b)
+      return float(loss), aux["metrics"], grads
+    return run
+
+  base_fn, prior_fn = loss_and_grads_fn(base), loss_and_grads_fn(prior)
+  l1, m1, g1 = base_fn(batch)
+  l2, _, g2 = base_fn(other)
+  assert l1 == l2 and _prior_grad_norm(g1) == 0.0 and _prior_grad_norm(g2) == 0.0
+  # Stage 1's KL is to N(0, I).
+  out, _ = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(m1["kl"], numpy_kl(out["mu"], out["logvar"], 0.0, 0.0).mean(), rtol=1e-4)
+
+  s1, m_s1, gs1 = prior_fn(batch)
+  s2, _, _ = prior_fn(other)
+  assert s1 != s2 and _prior_grad_norm(gs1) > 0.0
+  # Stage 2's KL is to p(z|c) with c = max(gaze_map, box_map), the encoder on running averages.
+  c = jnp.maximum(batch["gaze_map"], batch["box_map"])
+  out, _ = model.apply(variables, batch["image"], c, train=True, train_encoder=False,
+                       mutable=["batch_stats"])
+  np.testing.assert_allclose(
+      m_s1["kl"], numpy_kl(out["mu"], out["logvar"], out["prior_mu"], out["prior_logvar"]).mean(),
+      rtol=1e-4)
+
+
+def test_releases_follow_table_4():
+  config = tiny_vkd_config()
+  model, variables = _init(TinyVKD(), config)
+  # Table 4 (encoder, CH1, CH2) released; CH2 includes the classifier, the prior is always trained.
+  rows = {"ch1_prior": (0, 1, 0), "ch1_ch2_prior": (0, 1, 1), "all": (1, 1, 1), "ch2_prior": (0, 0, 1)}
+  assert set(rows) == set(vkd.RELEASES)
+  assert [r["vkd.release"] for r in vkd_config.get_sweep()[:4]] == list(vkd_config.TABLE4_RELEASES)
+  for release, (encoder, ch1, ch2) in rows.items():
+    labels = traverse_util.flatten_dict(
+        optim.param_labels(variables["params"], vkd.trainable_regexes(vkd.RELEASES[release])),
+        sep="/")
+    expect = {"encoder": encoder, "ch1": ch1, "ch2": ch2, "classifier": ch2,
+              "prior_encoder": 1, "prior_head": 1}
+    for path, label in labels.items():
+      assert (label == "train") == bool(expect[path.split("/")[0]]), (release, path)
+
+
+def test_frozen_leaves_stay_bit_identical_through_stage_two(tmp_path):
+  """Tiny real-pipeline run (synthetic phantoms, 32 px): stage 2 ('ch2_prior') leaves the
+  encoder (params and BatchNorm statistics) and CH1 untouched, and trains CH2 + the prior."""
+  config = tiny_vkd_config()
+  calls = []
+
+  def evaluate(method, model, variables, config, split, workdir, *, stage, mesh, **kw):
+    calls.append((stage, split))
+    return {"classification": {"auroc": {"mean": 0.5}, "f1": {"mean": 0.1}}}
+
+  final = trainer.train_and_evaluate(config, str(tmp_path), method=TinyVKD(), evaluate=evaluate)
+  base = vkd.load_stage_variables(str(tmp_path), "base")
+  flat = lambda tree: {k: np.asarray(v) for k, v in
+                       traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()}
+  before, after = flat(base["params"]), flat(final.params)
+  stats_before, stats_after = flat(base["batch_stats"]), flat(final.batch_stats)
+  assert set(before) == set(after)
+  for path in before:
+    part = path.split("/")[0]
+    if part in ("encoder", "ch1"):
+      assert np.array_equal(before[path], after[path]), path
+  for part in ("ch2", "classifier", "prior_encoder", "prior_head"):
+    assert any(not np.array_equal(before[p], after[p]) for p in before if p.startswith(part + "/")), part
+  for path in stats_before:
+    same = np.array_equal(stats_before[path], stats_after[path])
+    assert same == path.startswith("encoder/"), path   # the prior encoder's BN trains in stage 2
+  assert ("base", "val") in calls and ("prior", "val") in calls
+
+  # Eq. 5 report on the annotated test images of the two stages' best states.
+  result = vkd.cam_shift_report(config, str(tmp_path), method=TinyVKD(), evaluate=evaluate)
+  with open(tmp_path / "eval" / "vkd_cam.json") as f:
+    assert json.load(f) == result
+  assert result["num_images"] > 0 and np.isfinite([result["delta_mse"], result["delta_dice"]]).all()
+  assert ("base", "test") in calls and ("prior", "test") in calls
+
+
+def test_registry_config_and_cam_target():
+  config = vkd_config.get_config("runlocal,annotation=gaze")
+  assert config.vkd.annotation == "gaze" and config.vkd.release == "ch2_prior"
+  assert config.model.width == 0.125 and config.data.image_size == 64
+  with pytest.raises(KeyError, match="unknown config arg"):
+    vkd_config.get_config("bogus=1")
+  method = get_method("vkd")
+  assert isinstance(method, vkd.VKD)
+  bad = vkd_config.get_config("runlocal,release=encoder_only")
+  with pytest.raises(ValueError, match="config.vkd.release"):
+    method.stages(bad)
+  tiny = TinyVKD()
+  model, variables = _init(tiny, tiny_vkd_config())
+  images = _batch(tiny_vkd_config())["image"]
+  features_fn, head_fn = tiny.cam_target(model, variables)
+  logits = head_fn(features_fn(images))
+  np.testing.assert_allclose(logits, model.apply(variables, images)["logits"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tiny.predict(model, variables, {"image": images})["probs"],
+                             jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-6)
+
+
+def test_positive_class_cams_match_a_reference_grad_cam():
+  """Signed Grad-CAM from jax.grad of each positive logit, cv2 upsampling, min-max, max over positives."""
+  config = tiny_vkd_config()
+  method = TinyVKD()
+  model, variables = _init(method, config)
+  batch = _batch(config, n=3, seed=2)
+  labels = np.zeros((3, 14), np.float32)
+  labels[0, [1, 4]] = 1
+  labels[1, 7] = 1                                       # image 2: no positive label -> zeros
+  features_fn, head_fn = method.cam_target(model, variables)
+  got = np.asarray(vkd.positive_class_cams(features_fn, head_fn, batch["image"], jnp.asarray(labels),
+                                           relu=False))
+  features = np.asarray(features_fn(batch["image"]), np.float64)
+  size = config.data.image_size
+  for n in range(3):
+    expect = np.zeros((size, size))
+    for k in np.flatnonzero(labels[n]):
+      grad = np.asarray(jax.grad(lambda f: head_fn(f)[0, k])(jnp.asarray(features[n:n + 1], jnp.float32)))[0]
+      m = np.einsum("hwd,d->hw", features[n], grad.mean(axis=(0, 1)))
+      m = cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+      m = (m - m.min()) / (m.max() - m.min() + 1e-7)
+      expect = np.maximum(expect, m)
+    np.testing.assert_allclose(got[n], expect, atol=2e-4)
