@@ -1,0 +1,151 @@
+"""cxr-table: the eval JSONs of many runs as one results table.
+
+  cxr-table --workdirs /tmp/qs_sweep/*                       # markdown, test split
+  cxr-table --workdirs /tmp/qs_sweep/* --split=val --format=csv --output=val.csv
+
+One row per (method, dataset, setting), the form of the papers' tables: the
+number of runs, the mean of each ``--metrics`` metric and the per-class values
+of the first one, each as mean +- std (sample std, ddof=1) over the runs of the
+row (seeds, folds). A run's setting is its sweep row (WORKDIR/sweep.json, see
+cxr-sweep) without the ``--replicate_keys`` (default: seed, fold), so runs that
+differ only in those are aggregated; a workdir without sweep.json is its own
+setting, named after the folder. Workdirs without WORKDIR/eval/<split>.json are
+listed on stderr and left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("workdirs", [], "Run folders (also taken from the positional arguments, so "
+                  "`--workdirs DIR/*` works).")
+flags.DEFINE_string("split", "test", "Which eval/<split>.json to read.")
+flags.DEFINE_enum("format", "md", ["md", "csv"], "Markdown table or CSV.")
+flags.DEFINE_list("metrics", ["auroc", "auprc", "f1"],
+                  "classification metrics; the first one also gets per-class columns.")
+flags.DEFINE_list("replicate_keys", ["seed", "fold"],
+                  "Override keys (last component) that replicate a setting: aggregated over.")
+flags.DEFINE_string("output", None, "Write the table here instead of stdout.")
+
+
+def run_setting(workdir: str, replicate_keys: Sequence[str]) -> str:
+  """'key=value,...' of the run's sweep overrides minus the replicate keys ('-' if none)."""
+  path = os.path.join(workdir, "sweep.json")
+  if not os.path.exists(path):
+    return os.path.basename(os.path.normpath(workdir))
+  with open(path) as f:
+    row = json.load(f)["row"]
+  parts = [f"{k}={v}" for k, v in sorted(row.items()) if k.split(".")[-1] not in replicate_keys]
+  return ",".join(parts) or "-"
+
+
+def metric_values(classification: dict, metric: str) -> tuple[float, dict[str, float]]:
+  """(mean, {class: value}) of one metric of an eval JSON; undefined values as NaN."""
+  if metric not in classification:
+    raise KeyError(f"metric {metric!r} not in the eval JSON; available: {sorted(classification)}")
+  entry = classification[metric]
+  as_float = lambda v: math.nan if v is None else float(v)
+  if not isinstance(entry, dict):
+    return as_float(entry), {}
+  return as_float(entry.get("mean")), {k: as_float(v) for k, v in entry.get("per_class", {}).items()}
+
+
+def collect(workdirs: Sequence[str], split: str, metrics: Sequence[str],
+            replicate_keys: Sequence[str]) -> tuple[list[dict], list[str]]:
+  """(table rows, workdirs without an eval JSON). A row: {'method', 'dataset', 'setting',
+  'runs', 'columns': {name: [value per run]}} in first-seen order."""
+  groups: dict[tuple, dict] = {}
+  missing = []
+  for workdir in workdirs:
+    path = os.path.join(workdir, "eval", f"{split}.json")
+    if not os.path.exists(path):
+      missing.append(workdir)
+      continue
+    with open(path) as f:
+      payload = json.load(f)
+    key = (payload.get("method", "?"), payload.get("dataset", "?"),
+           run_setting(workdir, replicate_keys))
+    group = groups.setdefault(key, {"method": key[0], "dataset": key[1], "setting": key[2],
+                                    "runs": 0, "columns": {}})
+    group["runs"] += 1
+    values = {m: metric_values(payload["classification"], m)[0] for m in metrics}
+    values.update(metric_values(payload["classification"], metrics[0])[1])
+    for name, value in values.items():
+      group["columns"].setdefault(name, []).append(value)
+  return list(groups.values()), missing
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample std (NaN for one run) over the defined values; NaN if none."""
+  defined = np.asarray([v for v in values if not math.isnan(v)], np.float64)
+  if defined.size == 0:
+    return math.nan, math.nan
+  return float(defined.mean()), float(defined.std(ddof=1)) if defined.size > 1 else math.nan
+
+
+def render(rows: Sequence[dict], fmt: str, digits: int = 3) -> str:
+  """The rows as a markdown table ('mean ± std' cells) or CSV (mean and std columns)."""
+  names = []
+  for row in rows:
+    names += [n for n in row["columns"] if n not in names]
+  head = ["method", "dataset", "setting", "runs"]
+  cells = []
+  for row in rows:
+    stats = {n: mean_std(row["columns"].get(n, [])) for n in names}
+    cells.append(([row["method"], row["dataset"], row["setting"], str(row["runs"])], stats))
+  if fmt == "csv":
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(head + [f"{n}{s}" for n in names for s in ("", "_std")])
+    for fixed, stats in cells:
+      writer.writerow(fixed + ["" if math.isnan(v) else f"{v:.6g}" for n in names for v in stats[n]])
+    return out.getvalue()
+
+  def cell(mean, std):
+    if math.isnan(mean):
+      return "-"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+
+  lines = ["| " + " | ".join(head + names) + " |", "|" + "---|" * (len(head) + len(names))]
+  for fixed, stats in cells:
+    lines.append("| " + " | ".join(fixed + [cell(*stats[n]) for n in names]) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  workdirs = list(FLAGS.workdirs) + list(argv[1:])
+  if not workdirs:
+    raise app.UsageError("no workdirs: cxr-table --workdirs DIR/*")
+  rows, missing = collect(workdirs, FLAGS.split, FLAGS.metrics, FLAGS.replicate_keys)
+  for workdir in missing:
+    print(f"cxr-table: no eval/{FLAGS.split}.json in {workdir} (unfinished?): left out",
+          file=sys.stderr)
+  if not rows:
+    raise SystemExit(f"cxr-table: none of the {len(workdirs)} workdirs has eval/{FLAGS.split}.json")
+  table = render(rows, FLAGS.format)
+  if FLAGS.output:
+    tmp = f"{FLAGS.output}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(table)
+    os.replace(tmp, FLAGS.output)
+  else:
+    sys.stdout.write(table)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
