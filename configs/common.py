@@ -73,6 +73,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.width = a.width
   c.model.dtype = "float32"                # compute dtype; params stay float32
   c.model.blurpool = 0                     # BlurPool filter size (0 = off)
+  c.model.init_from = ""                   # converted weights (cxr-convert-weights) for the backbone
 
   c.batch_size = 64                        # global, over all devices and processes
   c.eval_batch_size = 128

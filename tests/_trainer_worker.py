@@ -113,7 +113,7 @@ def make_iterator_factory(delay: float = 0.0, calls: list | None = None):
   return make_iterator
 
 
-def fake_evaluate(method, model, variables, config, split, workdir, *, stage, mesh):
+def fake_evaluate(method, model, variables, config, split, workdir, *, stage, mesh, **unused):
   """Mean AUROC (sklearn) of ``method.predict`` on the in-memory split."""
   data = SPLITS[split]
   probs = np.asarray(method.predict(model, variables, {"image": data["image"]})["probs"])

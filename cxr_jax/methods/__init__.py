@@ -12,6 +12,8 @@ from cxr_jax.methods.base import DataSpec, EarlyStopping, LossContext, Method, S
 
 METHODS = {
     "baseline": "cxr_jax.methods.baseline:Baseline",
+    "msml": "cxr_jax.methods.msml:MSML",
+    "vkd": "cxr_jax.methods.vkd:VKD",
 }
 
 

@@ -104,7 +104,11 @@ class Stage:
 
 
 class Method(Protocol):
-  """A paper, declared. See ``cxr_jax.methods.baseline`` for the smallest one."""
+  """A paper, declared. See ``cxr_jax.methods.baseline`` for the smallest one.
+
+  Optional attribute ``pretrained_prefixes`` (default ``("backbone",)``): the
+  param subtrees that ``config.model.init_from`` weights are loaded into.
+  """
   name: str
 
   def model(self, config: ml_collections.ConfigDict) -> nn.Module:

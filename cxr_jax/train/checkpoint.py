@@ -51,6 +51,23 @@ class RunCheckpoints:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like))))
     return restored["state"]
 
+  def restore_replicated(self, step: int, sharding: jax.sharding.Sharding):
+    """The TrainState saved at ``step`` as a nested dict, every leaf placed with ``sharding``.
+
+    The target is built from the checkpoint's own metadata, so a state saved by a
+    run on another topology (e.g. several processes) restores on this one.
+    """
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(self.workdir, "checkpoints", str(step), "state"))
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          tree, is_leaf=is_leaf)
+    restored = self.latest.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return restored["state"]
+
   def best(self, stage: str, mode: str) -> ocp.CheckpointManager:
     if stage not in self._best:
       self._best[stage] = ocp.CheckpointManager(

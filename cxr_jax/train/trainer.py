@@ -15,8 +15,14 @@
   then evaluate on 'val' and 'test' (WORKDIR/eval/<split>.json).
 
 A run whose WORKDIR/checkpoints holds a checkpoint resumes from it: the train
-state, the data iterator's position, the stage and the step within it, and the
-early-stopping bookkeeping, so it ends with the params of an uninterrupted run.
+state, the data iterators' positions (one per process), the stage and the step
+within it, and the early-stopping bookkeeping, so it ends with the params of an
+uninterrupted run. On SIGTERM (``parallel.preemption_requested``, checked after
+every step) it checkpoints and raises ``parallel.Preempted``.
+
+With several processes all of them run this same code: each feeds its shard of
+the batch, all take part in Orbax checkpointing, only process 0 writes the
+TensorBoard events, the eval JSON and the report.
 
 Metrics stay on device, summed over the log interval; the host reads them (and
 the first step whose loss was not finite) only at log, eval and checkpoint
@@ -42,9 +48,9 @@ import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
-from orbax.checkpoint import args as ocp_args
 
 from cxr_jax.methods.base import EarlyStopping, LossContext, Method, Stage
+from cxr_jax.models import pretrained
 from cxr_jax.train import optim, parallel
 from cxr_jax.train.checkpoint import RunCheckpoints
 from cxr_jax.train.state import TrainState
@@ -258,7 +264,7 @@ class _Run:
         sharding=parallel.data_sharding(mesh), seed=config.seed + index, shuffle=True,
         num_epochs=None, drop_remainder=True, maps=stage.data.maps, augment=stage.data.augment)
     if progress.get("data") is not None:
-      iterator.set_state(progress["data"])
+      iterator.set_state(parallel.process_state(progress["data"]))
     state_sh = parallel.tree_shardings(state, mesh, config.get("fsdp", False))
     step_fn = make_train_step(self.model, stage, tx, labels, bs_labels)
     train_step = jax.jit(accumulate(step_fn), donate_argnums=(0, 1),
@@ -283,6 +289,7 @@ class _Run:
         state, acc = train_step(state, acc, batch)
         stage_step, step = stage_step + 1, step + 1
         self.progress(step)
+        preempted = parallel.preemption_requested(step)  # at every step (multi-process sync)
         end = stage_step == stage.steps
         if step % config.log_every == 0 or end:
           self.check_finite(acc, stage, stage_start)
@@ -313,12 +320,15 @@ class _Run:
             stop = True
         if stop or end:
           break
-        if step % config.checkpoint_every == 0:
+        if step % config.checkpoint_every == 0 or preempted:
           self.check_finite(acc, stage, stage_start)
           self.checkpoints.save(step, state, dict(
               stage=index, stage_name=stage.name, stage_step=stage_step, step=step, done=False,
-              data=iterator.get_state(), best=best, es_best=es_best, bad_evals=bad_evals,
-              evaluated=evaluated))
+              data=parallel.gather_process_states(iterator.get_state()), best=best,
+              es_best=es_best, bad_evals=bad_evals, evaluated=evaluated))
+        if preempted:
+          self.checkpoints.wait()
+          raise parallel.Preempted(step, self.workdir)
       if acc is not None:
         self.check_finite(acc, stage, stage_start)
       if evaluated and stage.select_best:
@@ -356,6 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The final TrainState (each evaluating stage ends with its best params).
   Raises:
     FloatingPointError: a non-finite loss (names the step and the stage).
+    parallel.Preempted: SIGTERM; a checkpoint to resume from was written.
   """
   if method is None:
     from cxr_jax.methods import get_method
@@ -391,6 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       fresh_params, fresh_stats = init_variables(model, stage, config, jax.random.fold_in(init_rng, index))
       params, passengers = carry_over(fresh_params, params, stage=stage.name)
       batch_stats, _ = carry_over(fresh_stats, batch_stats, stage=stage.name, collection="batch_stats")
+      if index == 0 and resume is None and config.model.get("init_from"):
+        # Converted weights (cxr-convert-weights) into the backbone; heads stay fresh.
+        params, batch_stats = pretrained.init_from(
+            config.model.init_from, params, batch_stats,
+            getattr(method, "pretrained_prefixes", ("backbone",)))
       if stage.init_extras is not None:
         extras = stage.init_extras(params, extras)
       labels = optim.param_labels(params, stage.trainable, stage=stage.name, frozen=passengers)
@@ -413,6 +429,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     run.checkpoints.wait()
     if run.tty:
       print()
+    if parallel.stop_due():
+      raise parallel.Preempted(step, workdir)
     for split in ("val", "test"):
       payload = run.eval(state, split, stages[-1], step, workdir, write_curves=True)
       scalars = flatten_scalars(payload)
@@ -446,9 +464,8 @@ def restore_for_eval(config: ml_collections.ConfigDict, workdir: str):
     if not meta.get("done"):
       logging.warning("%s/checkpoints/%d is mid-stage (stage %r, its step %d): evaluating it as is",
                       workdir, step, meta["stage_name"], meta["stage_step"])
-    restored = checkpoints.latest.restore(
-        step, args=ocp_args.Composite(state=ocp_args.StandardRestore()))["state"]
+    restored = checkpoints.restore_replicated(step, parallel.replicated(mesh))
   finally:
     checkpoints.close()
   variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
-  return method, model, jax.device_put(variables, parallel.replicated(mesh)), mesh
+  return method, model, variables, mesh
