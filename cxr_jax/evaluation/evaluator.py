@@ -238,9 +238,9 @@ def predict_split(predict_fn: Callable, variables, batches: Iterable[Mapping[str
   parts: dict[str, list[np.ndarray]] = {}
   seen = 0
 
-  def collect(host):
+  def collect(host, image_size):
     nonlocal seen
-    outputs, batch_host, located, image_size = host
+    outputs, batch_host, located = host
     if located is not None:
       localizer.collect(located, batch_host, image_size)
     n = len(batch_host["labels"])
@@ -260,14 +260,15 @@ def predict_split(predict_fn: Callable, variables, batches: Iterable[Mapping[str
     wanted = {k: v for k, v in outputs.items() if keep_heatmaps or k != "heatmaps"}
     located = localizer.dispatch(variables, batch) if localizer is not None else None
     host_keys = HOST_KEYS + (("boxes", "box_labels") if located is not None else ())
-    current = (wanted, {k: batch[k] for k in host_keys if k in batch}, located,
+    # Only arrays go through _fetch (a multi-process allgather); the image size stays a tuple.
+    current = ((wanted, {k: batch[k] for k in host_keys if k in batch}, located),
                tuple(batch["image"].shape[1:3]))
     if pending is not None:
-      collect(_fetch(pending))
+      collect(_fetch(pending[0]), pending[1])
     pending = current
   if pending is None:
     raise ValueError("predict_split: the batch iterator yielded no batch")
-  collect(_fetch(pending))
+  collect(_fetch(pending[0]), pending[1])
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
