@@ -1,8 +1,8 @@
 """Probabilistic integration of object-level annotations (van Sonsbeek et al. 2023).
 
-cxr-train --config=configs/vkd.py --workdir=/tmp/vkd
-python -m cxr_jax.methods.vkd --config=configs/vkd.py:annotation=gaze,runlocal --workdir=/tmp/v
-(the latter also writes the Grad-CAM shift of Eq. 5 to WORKDIR/eval/vkd_cam.json).
+cxr-train --config=configs/vkd.py:annotation=gaze,runlocal --workdir=/tmp/vkd
+trains both stages, evaluates, and writes the Grad-CAM shift of Eq. 5 to
+WORKDIR/eval/vkd_cam.json.
 
 Arg keys: those of ``common.base_config`` plus ``release`` (Table 4 row, see
 ``cxr_jax.methods.vkd.RELEASES``) and ``annotation`` ('gaze' | 'boxes' |

@@ -235,6 +235,12 @@ def test_files_round_trip(tmp_path):
   np.savez(tmp_path / "resnet18_state.npz", **state)
   from_npz = pretrained.load_state_dict(tmp_path / "resnet18_state.npz")
   assert sorted(from_npz) == sorted(state)
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp_path / "r18.safetensors"))
+  from_safetensors = pretrained.load_state_dict(tmp_path / "r18.safetensors")
+  for key, value in state.items():
+    np.testing.assert_array_equal(from_safetensors[key], value, err_msg=key)
+  os.remove(tmp_path / "r18.safetensors")
 
   written = convert_weights.convert("resnet18", str(tmp_path / "resnet18.pth"), str(tmp_path / "out.npz"),
                                     in_channels=1)

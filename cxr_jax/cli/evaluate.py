@@ -7,10 +7,27 @@ Restores the checkpoint the trainer keeps in WORKDIR/checkpoints (through
 WORKDIR/eval/<split>.json and WORKDIR/report/{roc,pr}_<split>.png. F1
 thresholds are chosen on 'val' (see ``evaluator.evaluate``). Use the same
 --config (and --config.* overrides) as the training run.
+
+Ensembles (Ge 2018, Table 1's 'R18 + D121' rows: the mean of several runs'
+probabilities):
+
+  cxr-eval --config=configs/msml.py:width=0.25 --workdir=/tmp/r18 \
+      --ensemble_workdirs=/tmp/d121 \
+      --ensemble_configs=configs/msml.py:width=0.25,backbone=densenet121
+
+restores WORKDIR and every --ensemble_workdirs run, averages their
+probabilities on the split (``evaluator.evaluate_ensemble``; F1 thresholds
+chosen on the ensemble's 'val' predictions) and writes
+WORKDIR/eval/<split>_ensemble.json (or --out); no curves, no localization.
+--ensemble_configs is repeated, one per --ensemble_workdirs entry in order;
+left out, every run uses --config. --config.* overrides apply to --config only.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 import sys
 
 from absl import app
@@ -26,6 +43,11 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "The training run's directory (holds checkpoints/).")
 flags.DEFINE_string("split", "test", "Split to evaluate: 'val', 'test', ...")
 flags.DEFINE_bool("curves", True, "Also write ROC / PR curves under WORKDIR/report/.")
+flags.DEFINE_list("ensemble_workdirs", [], "More training runs (comma-separated) whose "
+                  "probabilities are averaged with WORKDIR's: evaluates the ensemble.")
+flags.DEFINE_multi_string("ensemble_configs", [], "Config of each --ensemble_workdirs run, "
+                          "repeated, in order (path.py[:arg]); default: --config for all.")
+flags.DEFINE_string("out", "", "Ensemble JSON path (default WORKDIR/eval/<split>_ensemble.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,6 +59,11 @@ def main(argv):
   from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
   cli_flags.quiet_library_logs()
   parallel.maybe_initialize_distributed()
+  if FLAGS.ensemble_workdirs:
+    _evaluate_ensemble(evaluator, trainer)
+    return
+  if FLAGS.ensemble_configs or FLAGS.out:
+    raise app.UsageError("--ensemble_configs and --out need --ensemble_workdirs")
   method, model, variables, mesh = trainer.restore_for_eval(FLAGS.config, FLAGS.workdir)
   stage = list(method.stages(FLAGS.config))[-1].name  # the trainer's final eval names it so
   payload = evaluator.evaluate(method, model, variables, FLAGS.config, FLAGS.split, FLAGS.workdir,
@@ -46,6 +73,41 @@ def main(argv):
         f"mean AUROC {_fmt(cls['auroc']['mean'])}, AUPRC {_fmt(cls['auprc']['mean'])}, "
         f"F1 {_fmt(cls['f1']['mean'])}, W-AUC {_fmt(cls['w_auc'])}, D-AUC {_fmt(cls['d_auc'])}, "
         f"N-AUC {_fmt(cls['n_auc'])}; wrote {FLAGS.workdir}/eval/{FLAGS.split}.json")
+
+
+def _evaluate_ensemble(evaluator, trainer):
+  """Restores every run, averages their probabilities on --split, writes the ensemble JSON."""
+  workdirs = [FLAGS.workdir] + FLAGS.ensemble_workdirs
+  if FLAGS.ensemble_configs and len(FLAGS.ensemble_configs) != len(FLAGS.ensemble_workdirs):
+    raise app.UsageError(f"{len(FLAGS.ensemble_configs)} --ensemble_configs for "
+                         f"{len(FLAGS.ensemble_workdirs)} --ensemble_workdirs: give one per run "
+                         "(in order), or none to use --config for all")
+  configs = [FLAGS.config] + ([_load_config(spec) for spec in FLAGS.ensemble_configs]
+                              or [FLAGS.config] * len(FLAGS.ensemble_workdirs))
+  members, mesh = [], None
+  for config, workdir in zip(configs, workdirs):
+    method, model, variables, mesh = trainer.restore_for_eval(config, workdir)
+    members.append((method, model, variables, config))
+  path = FLAGS.out or os.path.join(FLAGS.workdir, "eval", f"{FLAGS.split}_ensemble.json")
+  payload = evaluator.evaluate_ensemble(members, FLAGS.split, path, mesh=mesh, names=workdirs)
+  cls = payload["classification"]
+  print(f"ensemble of {len(members)} runs ({', '.join(m['method'] for m in payload['members'])}) "
+        f"on {FLAGS.split} ({payload['num_examples']} images): mean AUROC "
+        f"{_fmt(cls['auroc']['mean'])}, W-AUC {_fmt(cls['w_auc'])}, D-AUC {_fmt(cls['d_auc'])}, "
+        f"N-AUC {_fmt(cls['n_auc'])}; wrote {path}")
+
+
+def _load_config(spec: str):
+  """get_config(arg) of the config file 'path/to/config.py[:arg]'."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--ensemble_configs: no such file {path!r}")
+  cli_flags.add_config_root_to_path([f"--config={path}"])
+  module_spec = importlib.util.spec_from_file_location(
+      "cxr_eval_config_" + re.sub(r"\W", "_", os.path.basename(path)), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def _fmt(value) -> str:

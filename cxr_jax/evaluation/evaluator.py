@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -358,4 +358,102 @@ def evaluate(method, model, variables, config, split: str, workdir: str | None, 
                           os.path.join(workdir, "report"), split)
       if localizer is not None:
         localizer.write_overlays(os.path.join(workdir, "report", f"cam_{split}.png"))
+  return payload
+
+
+def average_predictions(outputs: Sequence[Mapping[str, np.ndarray]],
+                        names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+  """Score averaging of an ensemble (Ge 2018, Table 1's 'R18 + D121' rows).
+
+  outputs: ``predict_split`` results of the members on one split, each with
+    'probs' [M,K], 'labels' [M,K], 'label_mask' [M,K], 'index' [M].
+  Rows are matched by 'index' and put in the first member's order; every
+  member must cover exactly the same examples with the same labels (else a
+  ValueError names the member, by ``names`` when given).
+  Returns the first member's 'labels', 'label_mask', 'index' and 'probs' =
+  the mean of the members' probs [M,K] (float32, averaged in float64).
+  """
+  if not outputs:
+    raise ValueError("average_predictions: an ensemble needs at least one member")
+  names = list(names) if names is not None else [f"member {i}" for i in range(len(outputs))]
+  first = outputs[0]
+  index = np.asarray(first["index"])
+  if len(np.unique(index)) != len(index):
+    raise ValueError(f"{names[0]}: its predictions repeat an example index")
+  total = np.zeros(np.shape(first["probs"]), np.float64)
+  for name, out in zip(names, outputs):
+    other = np.asarray(out["index"])
+    if len(other) != len(index) or not np.array_equal(np.sort(other), np.sort(index)):
+      missing = np.setdiff1d(index, other)[:5].tolist()
+      extra = np.setdiff1d(other, index)[:5].tolist()
+      raise ValueError(f"{name}: predicts {len(other)} examples, {names[0]} {len(index)}; example "
+                       f"indices only in {names[0]}: {missing}, only in {name}: {extra} "
+                       f"(members must be evaluated on the same split of the same data)")
+    order = np.argsort(other)[np.argsort(np.argsort(index))]  # other[order] == index
+    for key in ("labels", "label_mask"):
+      if not np.array_equal(np.asarray(out[key])[order], np.asarray(first[key])):
+        raise ValueError(f"{name}: its '{key}' differ from {names[0]}'s on the same examples "
+                         f"(members must be evaluated on the same data and label space)")
+    if np.shape(out["probs"]) != total.shape:
+      raise ValueError(f"{name}: probs of shape {np.shape(out['probs'])}, {names[0]}'s "
+                       f"{total.shape}")
+    total += np.asarray(out["probs"], np.float64)[order]
+  return {"probs": (total / len(outputs)).astype(np.float32), "labels": first["labels"],
+          "label_mask": first["label_mask"], "index": index}
+
+
+def evaluate_ensemble(members: Sequence[tuple], split: str, path: str | None, *, mesh: Mesh,
+                      names: Sequence[str] | None = None, make_iterator: Callable | None = None,
+                      thresholds=None) -> dict:
+  """``evaluate``'s classification report for the mean of several runs' probabilities.
+
+  members: (method, model, variables, config) per run; each predicts with its
+    own config (its data preprocessing), all on one label space.
+  F1 thresholds as in ``evaluate``: given, or chosen on the ensemble's 'val'
+  predictions. Writes the JSON to ``path`` (process 0, atomically) when given;
+  it has no 'localization' (heat maps are not averaged): {}.
+  Returns {'method': 'ensemble', 'members': [{'name', 'method'}], 'dataset',
+  'split', 'num_examples', 'auroc_mean', 'classification', 'localization'}.
+  """
+  if not members:
+    raise ValueError("evaluate_ensemble: no member")
+  names = list(names) if names is not None else [f"member {i}" for i in range(len(members))]
+  config = members[0][3]
+  for name, (_, _, _, member_config) in zip(names, members):
+    if member_config.data.label_space != config.data.label_space:
+      raise ValueError(f"{name}: config.data.label_space {member_config.data.label_space!r}, "
+                       f"{names[0]}'s {config.data.label_space!r}")
+  class_names = schema.get_label_space(config.data.label_space).classes
+
+  def run(s):
+    return average_predictions(
+        [predict_on(method, model, variables, member_config, s, mesh=mesh,
+                    make_iterator=make_iterator)
+         for method, model, variables, member_config in members], names)
+
+  out = run(split)
+  if out["probs"].shape[1] != len(class_names):
+    raise ValueError(f"the members predict {out['probs'].shape[1]} classes; label space "
+                     f"{config.data.label_space!r} has {len(class_names)}")
+  source = "given"
+  if thresholds is None:
+    val = out if split == "val" else run("val")
+    thresholds = metrics.best_f1_thresholds(val["probs"], val["labels"], val["label_mask"])
+    source = "val"
+  classification = metrics.classification_report(
+      out["probs"], out["labels"], out["label_mask"], class_names, thresholds,
+      threshold_source=source)
+  payload = {
+      "method": "ensemble",
+      "members": [{"name": name, "method": method.name}
+                  for name, (method, *_) in zip(names, members)],
+      "dataset": config.data.name,
+      "split": split,
+      "num_examples": int(len(out["probs"])),
+      "auroc_mean": classification["auroc"]["mean"],
+      "classification": classification,
+      "localization": {},
+  }
+  if path is not None and jax.process_index() == 0:
+    write_json_atomic(path, payload)
   return payload

@@ -108,6 +108,12 @@ class Method(Protocol):
 
   Optional attribute ``pretrained_prefixes`` (default ``("backbone",)``): the
   param subtrees that ``config.model.init_from`` weights are loaded into.
+
+  Optional method ``after_training(config, workdir, *, mesh, make_iterator,
+  evaluate)``: called by the trainer on every process after the final 'val' /
+  'test' evaluation of a run (its checkpoints written), with the run's mesh,
+  data iterator factory and evaluate function; for reports that need more than
+  the final params (e.g. VKD's Grad-CAM shift between its stages).
   """
   name: str
 

@@ -18,18 +18,15 @@ Both evaluate on 'val' every ``eval_every`` steps, stop early after
 ``vkd.patience`` evaluations without a 1 % improvement of the mean AUROC, and
 end with their best params (WORKDIR/best/<stage>).
 
-Inference uses the posterior mean z = mu (no sampling). After training,
-``cam_shift_report`` compares Grad-CAMs of the stage-1 and stage-2 params
-against the annotation maps of annotated test images (Eq. 5).
-
-  python -m cxr_jax.methods.vkd --config=configs/vkd.py --workdir=/tmp/vkd
-trains (resuming if the workdir holds a run) and writes WORKDIR/eval/vkd_cam.json.
+Inference uses the posterior mean z = mu (no sampling). After training
+(``VKD.after_training``, run by the trainer), ``cam_shift_report`` compares
+Grad-CAMs of the stage-1 and stage-2 params against the annotation maps of
+annotated test images (Eq. 5) and writes WORKDIR/eval/vkd_cam.json.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import flax.linen as nn
@@ -159,6 +156,12 @@ class VKD:
     features_fn = lambda images: model.apply(variables, images, method=VKDModel.encode)
     head_fn = lambda features: model.apply(variables, features, method=VKDModel.head)
     return features_fn, head_fn
+
+  def after_training(self, config: ml_collections.ConfigDict, workdir: str, *, mesh,
+                     make_iterator=None, evaluate=None) -> None:
+    """The Grad-CAM shift of Eq. 5 between the two stages (``cam_shift_report``)."""
+    cam_shift_report(config, workdir, method=self, mesh=mesh, make_iterator=make_iterator,
+                     evaluate=evaluate)
 
 
 # --------------------------------------------------------------------------- Grad-CAM shift (Eq. 5)
@@ -317,32 +320,3 @@ def cam_shift_report(config, workdir: str, *, method: VKD | None = None, mesh=No
     evaluator.write_json_atomic(os.path.join(workdir, "eval", "vkd_cam.json"), result)
     write_cam_overlays(cams, os.path.join(workdir, "report"), report.write_overlays)
   return result
-
-
-def train_and_report(config, workdir: str) -> dict:
-  """``cxr-train`` (resumes a finished or interrupted run), then ``cam_shift_report``."""
-  from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  trainer.train_and_evaluate(config, workdir)
-  return cam_shift_report(config, workdir)
-
-
-if __name__ == "__main__":
-  import sys  # pylint: disable=g-import-not-at-top
-
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  from cxr_jax.cli import flags as cli_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file("config", None, "configs/vkd.py[:args]", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (trained here if it holds no finished run).")
-  flags.mark_flags_as_required(["config", "workdir"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli_flags.quiet_library_logs()
-    print(json.dumps(train_and_report(flags.FLAGS.config, flags.FLAGS.workdir), indent=2))
-
-  cli_flags.add_config_root_to_path(sys.argv)
-  app.run(main)

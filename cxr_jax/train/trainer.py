@@ -12,7 +12,8 @@
       ``eval_split``, keep the best state (WORKDIR/best/<stage>), feed a plateau
       schedule, stop early; checkpoint every ``config.checkpoint_every`` steps
       and at the stage's end,
-  then evaluate on 'val' and 'test' (WORKDIR/eval/<split>.json).
+  then evaluate on 'val' and 'test' (WORKDIR/eval/<split>.json), then run the
+  method's optional ``after_training`` (e.g. a report over its stages' checkpoints).
 
 A run whose WORKDIR/checkpoints holds a checkpoint resumes from it: the train
 state, the data iterators' positions (one per process), the stage and the step
@@ -436,6 +437,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       scalars = flatten_scalars(payload)
       logging.info("final %s: %s", split,
                    {k: v for k, v in scalars.items() if k.endswith("/mean")})
+    after_training = getattr(method, "after_training", None)
+    if after_training is not None:
+      after_training(config, workdir, mesh=mesh, make_iterator=make_iterator, evaluate=evaluate)
     return state
   finally:
     run.checkpoints.wait()
