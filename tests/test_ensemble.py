@@ -1,6 +1,9 @@
 """Ensembles by score averaging (Ge 2018, Table 1): evaluator.average_predictions / evaluate_ensemble."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +76,8 @@ def _config(reverse=False, drop_last=False):
 def _make_iterator(data_config, split, **kwargs):
   """The member's config decides its row order (reverse) and coverage (drop_last)."""
   del kwargs
-  n = len(SPLITS[split][0]) - int(data_config.drop_last)
-  order = np.arange(n)[::-1] if data_config.reverse else np.arange(n)
+  n = len(SPLITS[split][0]) - int(data_config.get("drop_last", False))
+  order = np.arange(n)[::-1] if data_config.get("reverse", False) else np.arange(n)
   return _batches(*SPLITS[split], order)
 
 
@@ -135,3 +138,50 @@ def test_average_predictions_rejects_different_labels():
     evaluator.average_predictions([out, other])
   shuffled = {k: v[::-1] for k, v in out.items()}
   np.testing.assert_allclose(evaluator.average_predictions([out, shuffled])["probs"], out["probs"])
+
+
+CLI_DRIVER = """
+import os, sys, types
+import jax
+from jax.sharding import Mesh
+import numpy as np
+sys.path.insert(0, {tests!r})
+import test_ensemble as t
+from cxr_jax.evaluation import evaluator
+import cxr_jax.train
+
+mesh = Mesh(np.array(jax.devices()), ("data",))
+def restore_for_eval(config, workdir):  # stub: run 'runN' has the variables of seed N
+  print("restored", os.path.basename(workdir), "width", config.model.width, "seed", config.seed)
+  return t.ScaleMethod(), None, t._variables(int(workdir[-1])), mesh
+trainer = types.ModuleType("cxr_jax.train.trainer")
+trainer.restore_for_eval = restore_for_eval
+sys.modules["cxr_jax.train.trainer"] = cxr_jax.train.trainer = trainer
+evaluator._default_make_iterator = t._make_iterator
+from cxr_jax.cli import evaluate
+sys.argv = ["cxr-eval", "--config={config}:runlocal", "--workdir={tmp}/run0", "--config.seed=7",
+            "--ensemble_workdirs={tmp}/run1,{tmp}/run2",
+            "--ensemble_configs={config}:runlocal,width=0.5", "--ensemble_configs={config}:width=0.25"]
+evaluate.run()
+"""
+
+
+def test_cli_averages_the_restored_runs(tmp_path):
+  """cxr-eval --ensemble_workdirs in a subprocess (absl flags are process-global), restore stubbed."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = CLI_DRIVER.format(tests=os.path.join(repo, "tests"), tmp=tmp_path,
+                           config=os.path.join(repo, "configs", "baseline.py"))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  restored = [line for line in result.stdout.splitlines() if line.startswith("restored")]
+  # Each run's own config (the arg reaches it whole, commas included), --config.* on all.
+  assert restored == ["restored run0 width 0.125 seed 7", "restored run1 width 0.125 seed 7",
+                      "restored run2 width 0.25 seed 7"]
+  written = json.loads((tmp_path / "run0" / "eval" / "test_ensemble.json").read_text())
+  assert [m["name"] for m in written["members"]] == [str(tmp_path / f"run{i}") for i in range(3)]
+  reference = np.mean([_reference_probs(SPLITS["test"][0], _variables(i)) for i in range(3)], 0)
+  expected = metrics.classification_report(reference, *SPLITS["test"][1:], schema.NIH14.classes)
+  np.testing.assert_allclose(written["classification"]["auroc"]["mean"], expected["auroc"]["mean"],
+                             rtol=1e-6)

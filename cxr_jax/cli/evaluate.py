@@ -20,7 +20,8 @@ probabilities on the split (``evaluator.evaluate_ensemble``; F1 thresholds
 chosen on the ensemble's 'val' predictions) and writes
 WORKDIR/eval/<split>_ensemble.json (or --out); no curves, no localization.
 --ensemble_configs is repeated, one per --ensemble_workdirs entry in order;
-left out, every run uses --config. --config.* overrides apply to --config only.
+left out, every run uses --config. --config.* overrides apply to every run's
+config (e.g. --config.data.manual_dir).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _evaluate_ensemble(evaluator, trainer):
     raise app.UsageError(f"{len(FLAGS.ensemble_configs)} --ensemble_configs for "
                          f"{len(FLAGS.ensemble_workdirs)} --ensemble_workdirs: give one per run "
                          "(in order), or none to use --config for all")
-  configs = [FLAGS.config] + ([_load_config(spec) for spec in FLAGS.ensemble_configs]
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  configs = [FLAGS.config] + ([_load_config(spec, overrides) for spec in FLAGS.ensemble_configs]
                               or [FLAGS.config] * len(FLAGS.ensemble_workdirs))
   members, mesh = [], None
   for config, workdir in zip(configs, workdirs):
@@ -97,8 +99,9 @@ def _evaluate_ensemble(evaluator, trainer):
         f"N-AUC {_fmt(cls['n_auc'])}; wrote {path}")
 
 
-def _load_config(spec: str):
-  """get_config(arg) of the config file 'path/to/config.py[:arg]'."""
+def _load_config(spec: str, overrides: dict):
+  """get_config(arg) of the config file 'path/to/config.py[:arg]', with ``overrides``
+  ({'a.b': value}, the --config.* flags) applied."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise app.UsageError(f"--ensemble_configs: no such file {path!r}")
@@ -107,7 +110,9 @@ def _load_config(spec: str):
       "cxr_eval_config_" + re.sub(r"\W", "_", os.path.basename(path)), path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  config = module.get_config(arg or None)
+  config.update_from_flattened_dict(overrides)
+  return config
 
 
 def _fmt(value) -> str:

@@ -19,6 +19,10 @@ that carries boxes, one more jitted call computes the class heat maps of the
 label space's boxed classes at feature resolution; on the host only the maps
 of the classes boxed in each row are upsampled, scored and dropped, so memory
 stays at one batch. A few overlays are kept for the report.
+
+Ensembles (``evaluate_ensemble``, cxr-eval --ensemble_workdirs): the mean of
+several runs' probabilities, rows matched by example index
+(``average_predictions``), scored as above without localization.
 """
 
 from __future__ import annotations
