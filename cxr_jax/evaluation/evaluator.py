@@ -310,6 +310,23 @@ def predict_on(method, model, variables, config, split: str, *, mesh: Mesh,
       close()
 
 
+def _classification(out: dict, run: Callable[[str], dict], split: str, config,
+                    thresholds, *, who: str) -> dict:
+  """classification_report of ``out``; F1 thresholds chosen on 'val' (``run('val')``) unless given."""
+  class_names = schema.get_label_space(config.data.label_space).classes
+  if out["probs"].shape[1] != len(class_names):
+    raise ValueError(f"{who} predicts {out['probs'].shape[1]} classes; label space "
+                     f"{config.data.label_space!r} (config.data.label_space) has "
+                     f"{len(class_names)}")
+  source = "given"
+  if thresholds is None:
+    val = out if split == "val" else run("val")
+    thresholds = metrics.best_f1_thresholds(val["probs"], val["labels"], val["label_mask"])
+    source = "val"
+  return metrics.classification_report(out["probs"], out["labels"], out["label_mask"],
+                                       class_names, thresholds, threshold_source=source)
+
+
 def evaluate(method, model, variables, config, split: str, workdir: str | None, *,
              stage: str, mesh: Mesh, make_iterator: Callable | None = None,
              thresholds=None, write_curves: bool = False) -> dict:
@@ -333,18 +350,8 @@ def evaluate(method, model, variables, config, split: str, workdir: str | None, 
 
   localizer = box_localizer(method, model, config, mesh)
   out = run(split, localizer)
-  if out["probs"].shape[1] != len(class_names):
-    raise ValueError(f"method {method.name!r} predicts {out['probs'].shape[1]} classes; label "
-                     f"space {config.data.label_space!r} (config.data.label_space) has "
-                     f"{len(class_names)}")
-  source = "given"
-  if thresholds is None:
-    val = out if split == "val" else run("val")
-    thresholds = metrics.best_f1_thresholds(val["probs"], val["labels"], val["label_mask"])
-    source = "val"
-  classification = metrics.classification_report(
-      out["probs"], out["labels"], out["label_mask"], class_names, thresholds,
-      threshold_source=source)
+  classification = _classification(out, run, split, config, thresholds,
+                                   who=f"method {method.name!r}")
   payload = {
       "method": method.name,
       "dataset": config.data.name,
@@ -427,7 +434,6 @@ def evaluate_ensemble(members: Sequence[tuple], split: str, path: str | None, *,
     if member_config.data.label_space != config.data.label_space:
       raise ValueError(f"{name}: config.data.label_space {member_config.data.label_space!r}, "
                        f"{names[0]}'s {config.data.label_space!r}")
-  class_names = schema.get_label_space(config.data.label_space).classes
 
   def run(s):
     return average_predictions(
@@ -436,17 +442,7 @@ def evaluate_ensemble(members: Sequence[tuple], split: str, path: str | None, *,
          for method, model, variables, member_config in members], names)
 
   out = run(split)
-  if out["probs"].shape[1] != len(class_names):
-    raise ValueError(f"the members predict {out['probs'].shape[1]} classes; label space "
-                     f"{config.data.label_space!r} has {len(class_names)}")
-  source = "given"
-  if thresholds is None:
-    val = out if split == "val" else run("val")
-    thresholds = metrics.best_f1_thresholds(val["probs"], val["labels"], val["label_mask"])
-    source = "val"
-  classification = metrics.classification_report(
-      out["probs"], out["labels"], out["label_mask"], class_names, thresholds,
-      threshold_source=source)
+  classification = _classification(out, run, split, config, thresholds, who="the members")
   payload = {
       "method": "ensemble",
       "members": [{"name": name, "method": method.name}
