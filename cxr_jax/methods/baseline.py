@@ -17,7 +17,7 @@ import ml_collections
 from cxr_jax import losses
 from cxr_jax.data import schema
 from cxr_jax.methods.base import Batch, LossContext, Stage
-from cxr_jax.models.backbones import get_backbone
+from cxr_jax.models.backbones import backbone_from_config
 
 LOSSES = ("weighted_bce", "bce")
 
@@ -70,8 +70,8 @@ class Baseline:
   name = "baseline"
 
   def backbone(self, config: ml_collections.ConfigDict) -> nn.Module:
-    m = config.model
-    return get_backbone(m.backbone, width=m.width, dtype=jnp.dtype(m.dtype), blurpool=m.blurpool)
+    """The image backbone (config.model); subclasses may swap it."""
+    return backbone_from_config(config.model)
 
   def model(self, config: ml_collections.ConfigDict) -> nn.Module:
     num_classes = len(schema.get_label_space(config.data.label_space))

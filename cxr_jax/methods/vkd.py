@@ -40,7 +40,7 @@ from cxr_jax import cam, losses
 from cxr_jax.data import schema
 from cxr_jax.methods.base import Batch, DataSpec, EarlyStopping, LossContext, Stage
 from cxr_jax.methods.baseline import label_mask
-from cxr_jax.models.backbones import get_backbone
+from cxr_jax.models.backbones import backbone_from_config
 from cxr_jax.models.vkd import VKDModel
 from cxr_jax.train import parallel
 from cxr_jax.train.checkpoint import RunCheckpoints
@@ -112,8 +112,8 @@ class VKD:
   name = "vkd"
 
   def backbone(self, config: ml_collections.ConfigDict) -> nn.Module:
-    m = config.model
-    return get_backbone(m.backbone, width=m.width, dtype=jnp.dtype(m.dtype), blurpool=m.blurpool)
+    """The image backbone (config.model); subclasses may swap it."""
+    return backbone_from_config(config.model)
 
   def model(self, config: ml_collections.ConfigDict) -> nn.Module:
     v = config.vkd

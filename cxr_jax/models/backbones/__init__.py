@@ -1,5 +1,5 @@
 """Backbones (ResNet v1 / pre-act with BlurPool, DenseNet-121, VGG-16): ``get_backbone(name, ...)``."""
 
-from cxr_jax.models.backbones.registry import BACKBONES, get_backbone
+from cxr_jax.models.backbones.registry import BACKBONES, backbone_from_config, get_backbone
 
-__all__ = ["BACKBONES", "get_backbone"]
+__all__ = ["BACKBONES", "backbone_from_config", "get_backbone"]

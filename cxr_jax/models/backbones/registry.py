@@ -66,3 +66,9 @@ def get_backbone(name: str, *, width: float = 1.0, dtype: Any = jnp.float32, blu
     block, stage_sizes = _RESNETS[name]
     return resnet.ResNet(block, stage_sizes, width=width, blurpool=blurpool, dtype=dtype, **kw)
   return _OTHERS[name](width=width, dtype=dtype, **kw)
+
+
+def backbone_from_config(model_config: Any) -> nn.Module:
+  """``get_backbone`` from a config's ``model`` fields (backbone, width, dtype, blurpool)."""
+  m = model_config
+  return get_backbone(m.backbone, width=m.width, dtype=jnp.dtype(m.dtype), blurpool=m.blurpool)
