@@ -12,6 +12,7 @@ DATASETS = {
     "synthetic": ("nih14", 1, 64),
     "nih": ("nih14", 1, 256),
     "chexpert": ("chexpert14", 1, 256),
+    "mimic": ("chexpert14", 1, 256),
 }
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "preact_resnet50", "densenet121", "vgg16")
@@ -51,6 +52,11 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.channels = channels
   c.data.normalization = "minus_one_one"   # or "imagenet" (mean/std) for ImageNet weights
   c.data.manual_dir = ""                   # real datasets: the official download folder
+  c.data.data_dir = ""                     # real datasets: root of cxr-prepare output (read here)
+  c.data.prepared_size = 0                 # stored image size to read (0 = data.image_size)
+  c.data.uncertainty = "zeros"             # CheXpert-style uncertain labels: zeros / ones / ignore
+  c.data.frontal_only = True               # real datasets: frontal views only
+  c.data.split_seed = 0                    # patient-level val/test/cv splits of real data
   c.data.val_fraction = 0.1                # patient-level split fractions (real data)
   c.data.test_fraction = 0.2
   c.data.worker_count = 0                  # grain worker processes (0 = in the main process)
@@ -61,6 +67,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Synthetic phantoms: sizes of the splits (disjoint index ranges, one seed).
   c.data.synthetic = ml_collections.ConfigDict(dict(
       seed=0, num_train=4000, num_val=500, num_test=1000, annotated_fraction=0.1))
+  # Cross-validation over the annotated images (splits.cv_split; off when num_folds = 0):
+  # 'train' = the other folds + a patient-level unannotated_fraction of the images
+  # without boxes, 'test' = fold `fold`, 'val' unchanged.
+  c.data.cv = ml_collections.ConfigDict(dict(num_folds=0, fold=0, unannotated_fraction=0.0))
   c.data.augment = ml_collections.ConfigDict(dict(
       random_resized_crop=0.0, crop_scale=(0.7, 1.0),
       affine=0.5, rotation=10.0, scale=0.1, shift=0.05,

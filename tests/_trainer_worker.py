@@ -106,9 +106,10 @@ SPLITS = {"train": make_data(128, 0), "val": make_data(64, 1), "test": make_data
 
 def make_iterator_factory(delay: float = 0.0, calls: list | None = None):
   def make_iterator(data_config, split, *, batch_size, sharding, seed, shuffle=True, num_epochs=None,
-                    drop_remainder=True, maps=(), augment=True):
+                    drop_remainder=True, maps=(), augment=True, views=()):
     if calls is not None:
-      calls.append(dict(split=split, batch_size=batch_size, seed=seed, maps=maps, augment=augment))
+      calls.append(dict(split=split, batch_size=batch_size, seed=seed, maps=maps, augment=augment,
+                        views=views, data_config=data_config))
     return ArrayIterator(SPLITS[split], batch_size=batch_size, sharding=sharding, seed=seed, delay=delay)
   return make_iterator
 

@@ -122,22 +122,36 @@ def _synthetic_source(data_config: Any, split: str) -> SplitSource:
                    f"{list(SYNTHETIC_PARTS)}, 'annotated_<part>', 'unannotated_<part>'")
   per_patient = synthetic.IMAGES_PER_PATIENT
   bounds = synthetic_bounds(cfg.num_train, cfg.num_val, cfg.num_test, per_patient)
-  start, stop = (int(b) for b in bounds[SYNTHETIC_PARTS.index(part):][:2])
+  cv = data_config.get("cv")
+  in_cv = cv is not None and cv.num_folds > 0 and part in ("train", "test")
+  first = 0 if in_cv else SYNTHETIC_PARTS.index(part)  # cross-validation folds come from train
+  start, stop = (int(b) for b in bounds[first:first + 2])
   size = stop - start
   phantoms = synthetic.SyntheticPhantoms(num_examples=size, image_size=data_config.image_size,
                                          seed=cfg.seed, offset=start)
   keep = np.ones(size, bool)
-  if part == "train":  # limited annotation: only a fraction of train patients keep boxes
+  if first == 0:  # limited annotation: only a fraction of train patients keep boxes
     patients = (np.arange(size) // per_patient).astype(str)
     annotated = splits.select_fraction(np.arange(size), cfg.annotated_fraction, cfg.seed,
                                        patient_ids=patients)
     keep = np.isin(np.arange(size), annotated)
-  chosen = {"": np.ones(size, bool), "annotated": keep, "unannotated": ~keep}[subset]
+  if in_cv:
+    parts = splits.cv_split(patients, keep, cv.num_folds, cv.fold, cv.unannotated_fraction,
+                            cfg.seed)
+    if part == "test":
+      chosen = np.isin(np.arange(size), parts["test"])
+    else:
+      chosen = np.isin(np.arange(size), np.concatenate(
+          [parts[f"{s}_train"] for s in (("annotated", "unannotated") if not subset else (subset,))]))
+    name = (f"synthetic/{split} (cv fold {cv.fold} of {cv.num_folds}, unannotated fraction "
+            f"{cv.unannotated_fraction}): {phantoms!r}")
+  else:
+    chosen = {"": np.ones(size, bool), "annotated": keep, "unannotated": ~keep}[subset]
+    name = f"synthetic/{split}: {phantoms!r}"
   if not chosen.any():
-    raise ValueError(f"split {split!r} of data.name='synthetic' is empty "
-                     f"(data.synthetic: num_{part}, annotated_fraction)")
-  return SplitSource(phantoms, np.flatnonzero(chosen), keep[chosen],
-                     f"synthetic/{split}: {phantoms!r}")
+    raise ValueError(f"split {split!r} of data.name='synthetic' is empty (data.synthetic: "
+                     f"num_{part}, annotated_fraction; data.cv)")
+  return SplitSource(phantoms, np.flatnonzero(chosen), keep[chosen], name)
 
 
 def make_source(data_config: Any, split: str) -> SplitSource:
@@ -149,13 +163,16 @@ def make_source(data_config: Any, split: str) -> SplitSource:
   train has them stripped (box_labels -1, has_boxes 0): limited annotation.
   'train' = all train images; 'annotated_train' / 'unannotated_train' = the
   images with / without boxes; val and test keep every box (evaluation needs
-  them; 'annotated_val' is then all of val).
+  them; 'annotated_val' is then all of val). With ``data.cv.num_folds > 0``,
+  'train' / 'test' are a fold of cross-validation over the annotated train
+  images (``splits.cv_split``).
   """
   if data_config.name == "synthetic":
     return _synthetic_source(data_config, split)
-  raise ValueError(
-      f"data.name={data_config.name!r}: this dataset has no reader yet (real-dataset readers "
-      f"arrive with issue 5); use data.name='synthetic'")
+  from cxr_jax.data import prepared  # pylint: disable=import-outside-toplevel
+  if data_config.name not in prepared.DATASETS:
+    raise KeyError(f"data.name={data_config.name!r}; known: 'synthetic', {list(prepared.DATASETS)}")
+  return prepared.make_source(data_config, split)  # real data, prepared by cxr-prepare
 
 
 class _CheckedSource:
@@ -212,7 +229,8 @@ class _CheckedSource:
 class _Preprocess(gp.RandomMapTransform):
   """Example -> numeric record: augmented (or resized) uint8 image, annotations, maps."""
 
-  def __init__(self, data_config: Any, maps: Sequence[str], aug: Any | None):
+  def __init__(self, data_config: Any, maps: Sequence[str], aug: Any | None,
+               views: Sequence[Mapping[str, Any]] = ()):
     self.image_size = data_config.image_size
     self.maps = tuple(maps)
     self.grid = data_config.grid_size
@@ -221,10 +239,12 @@ class _Preprocess(gp.RandomMapTransform):
     self.num_classes = len(schema.get_label_space(data_config.label_space))
     # A plain namespace: cheap to pickle into the worker processes.
     self.aug = None if aug is None else types.SimpleNamespace(**aug.to_dict())
+    self.views = tuple(types.SimpleNamespace(**view) for view in views)
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     if "error" in example:
       return example
+    original = example
     if self.aug is None:
       example = augment_lib.eval_transform(example, self.image_size)
     else:
@@ -232,6 +252,8 @@ class _Preprocess(gp.RandomMapTransform):
     size = self.image_size
     out = {key: example[key] for key in NUMERIC_KEYS}
     out["image"] = example["image"]
+    for i, view in enumerate(self.views):
+      out[f"view{i}"] = augment_lib.train_transform(original, rng, view, size)["image"]
     out["has_boxes"] = np.float32(example["has_boxes"])
     out["index"] = np.int32(example["index"])
     if "gaze_map" in self.maps:
@@ -249,7 +271,7 @@ class _Preprocess(gp.RandomMapTransform):
 # ----------------------------------------------------------------------------
 # Host batching and device transfer.
 
-def padding_record(data_config: Any, maps: Sequence[str]) -> dict:
+def padding_record(data_config: Any, maps: Sequence[str], num_views: int = 0) -> dict:
   """The record of a padding row (valid = 0): zeros, box_labels -1, index -1."""
   size, grid = data_config.image_size, data_config.grid_size
   num_classes = len(schema.get_label_space(data_config.label_space))
@@ -262,6 +284,7 @@ def padding_record(data_config: Any, maps: Sequence[str]) -> dict:
   shapes = {"gaze_map": (size, size, 1), "box_map": (size, size, 1),
             "box_grid": (grid, grid, num_classes)}
   record.update({name: np.zeros(shapes[name], np.float32) for name in maps})
+  record.update({f"view{i}": record["image"] for i in range(num_views)})
   return record
 
 
@@ -321,8 +344,9 @@ class DeviceIterator:
   def __init__(self, loader: gp.DataLoader, source: Any, *, local_batch: int,
                padding: dict, sharding: jax.sharding.NamedSharding, normalization: str,
                channels: int, prefetch: int, total_steps: int | None, drop_remainder: bool,
-               num_examples: int, steps_per_epoch: int):
+               num_examples: int, steps_per_epoch: int, num_views: int = 0):
     self.source = source
+    self._image_keys = ("image",) + tuple(f"view{i}" for i in range(num_views))
     self.num_examples = num_examples
     self.steps_per_epoch = steps_per_epoch
     self.num_skipped = 0
@@ -386,7 +410,8 @@ class DeviceIterator:
   def _to_device(self, batch: dict) -> dict:
     out = {key: jax.make_array_from_process_local_data(self._sharding, value)
            for key, value in batch.items()}
-    out["image"] = self._normalize(out["image"])
+    for key in self._image_keys:
+      out[key] = self._normalize(out[key])
     return out
 
   # -- prefetch thread -----------------------------------------------------------
@@ -482,11 +507,21 @@ class DeviceIterator:
     self.close()
 
 
+def view_augment(base: Any, overrides: Mapping[str, Any]) -> dict:
+  """``base`` augmentation fields (config.data.augment) with ``overrides``; unknown keys are errors."""
+  fields = base.to_dict() if hasattr(base, "to_dict") else dict(base)
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise KeyError(f"view augmentation fields {unknown} are not in config.data.augment; "
+                   f"known: {sorted(fields)}")
+  return {**fields, **overrides}
+
+
 def make_iterator(data_config: Any, split: str, *, batch_size: int,
                   sharding: jax.sharding.NamedSharding, seed: int, shuffle: bool = True,
                   num_epochs: int | None = None, drop_remainder: bool = True,
                   maps: Sequence[str] = (), augment: bool = True, aug_config: Any = None,
-                  source: Any = None) -> DeviceIterator:
+                  views: Sequence[Mapping[str, Any]] = (), source: Any = None) -> DeviceIterator:
   """Batches of ``split`` as global arrays on ``sharding`` (see the module docstring).
 
   Args:
@@ -501,6 +536,10 @@ def make_iterator(data_config: Any, split: str, *, batch_size: int,
     maps: any of 'gaze_map', 'box_map', 'box_grid'.
     augment: training augmentation (``augment.train_transform``) or a plain resize.
     aug_config: augmentation fields; default ``data_config.augment``.
+    views: extra independently augmented copies of each image, as keys 'view0',
+      'view1', ... (normalized like 'image'); each is a dict of augmentation
+      fields merged over ``data_config.augment`` (e.g. BYOL's two views of
+      different strengths). 'image' and the annotations are unaffected.
     source: a random-access source of Examples to use instead of
       ``make_source(data_config, split)``.
   """
@@ -533,8 +572,9 @@ def make_iterator(data_config: Any, split: str, *, batch_size: int,
     # scripts and tests that do not run absl.app have not parsed flags yet.
     flags.FLAGS.mark_as_parsed()
   aug = None if not augment else (data_config.augment if aug_config is None else aug_config)
+  views = [view_augment(data_config.augment, view) for view in views]
   loader = gp.DataLoader(data_source=reader, sampler=sampler,
-                         operations=[_Preprocess(data_config, maps, aug)],
+                         operations=[_Preprocess(data_config, maps, aug, views)],
                          worker_count=data_config.worker_count,
                          worker_buffer_size=max(1, local_batch // max(data_config.worker_count, 1)),
                          shard_options=gp.NoSharding(),
@@ -549,8 +589,8 @@ def make_iterator(data_config: Any, split: str, *, batch_size: int,
     steps_per_epoch = -(-largest // local_batch)
     total_steps = None if num_epochs is None else -(-num_epochs * largest // local_batch)
   return DeviceIterator(loader, source, local_batch=local_batch,
-                        padding=padding_record(data_config, maps), sharding=sharding,
+                        padding=padding_record(data_config, maps, len(views)), sharding=sharding,
                         normalization=data_config.normalization, channels=data_config.channels,
                         prefetch=data_config.prefetch, total_steps=total_steps,
                         drop_remainder=drop_remainder, num_examples=num_examples,
-                        steps_per_epoch=steps_per_epoch)
+                        steps_per_epoch=steps_per_epoch, num_views=len(views))

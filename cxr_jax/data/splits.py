@@ -181,3 +181,35 @@ def assert_patient_disjoint(parts: Mapping[str, np.ndarray],
       if len(shared):
         raise ValueError(f"patient {shared[0]!r} is in both part {names[a]!r} and part "
                          f"{names[b]!r} ({len(shared)} shared patients)")
+
+
+def cv_split(patient_ids: Sequence[str], has_boxes: np.ndarray, num_folds: int, fold: int,
+             unannotated_fraction: float, seed: int) -> dict[str, np.ndarray]:
+  """One fold of cross-validation over the annotated images (Rozenberg 2020 Sec. 4, Table 1).
+
+  The images with boxes (``has_boxes``) are dealt by patient into ``num_folds``
+  folds (``kfold``); fold ``fold`` is the test part, the others are
+  'annotated_train'. 'unannotated_train' is a patient-level
+  ``unannotated_fraction`` of the images without boxes whose patients have no
+  boxed image (so it never shares a patient with the test fold).
+
+  Returns:
+    {'annotated_train', 'unannotated_train', 'test'}: sorted int64 indices into
+    ``patient_ids``, patient-disjoint from one another.
+  """
+  ids = np.asarray(patient_ids, dtype=str)
+  has_boxes = np.asarray(has_boxes, bool)
+  if has_boxes.shape != ids.shape:
+    raise ValueError(f"has_boxes has shape {has_boxes.shape}; patient_ids has {ids.shape}")
+  if not 0 <= fold < num_folds:
+    raise ValueError(f"fold={fold} must lie in [0, num_folds={num_folds})")
+  pool = np.flatnonzero(has_boxes)
+  if not len(pool):
+    raise ValueError("cross-validation over annotated images: no image has boxes")
+  train, test = kfold(ids[pool], num_folds, seed)[fold]
+  annotated_patients = np.unique(ids[pool])
+  candidates = np.flatnonzero(~has_boxes & ~np.isin(ids, annotated_patients))
+  unannotated = select_fraction(candidates, unannotated_fraction, seed, patient_ids=ids)
+  parts = {"annotated_train": pool[train], "unannotated_train": unannotated, "test": pool[test]}
+  assert_patient_disjoint(parts, ids)
+  return parts

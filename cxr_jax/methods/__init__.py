@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from cxr_jax.methods.base import DataSpec, EarlyStopping, LossContext, Method, Stage
+from cxr_jax.methods.base import (DataSpec, EarlyStopping, LossContext, Method, PrepareContext,
+                                   Stage)
 
 METHODS = {
     "baseline": "cxr_jax.methods.baseline:Baseline",
+    "byol_cam": "cxr_jax.methods.byol_cam:BYOLCAM",
     "msml": "cxr_jax.methods.msml:MSML",
+    "patch_loc": "cxr_jax.methods.patch_loc:PatchLoc",
     "vkd": "cxr_jax.methods.vkd:VKD",
+    "disease_masks": "cxr_jax.methods.disease_masks:DiseaseMasks",
 }
 
 
@@ -25,4 +29,5 @@ def get_method(name: str) -> Method:
   return getattr(importlib.import_module(module), attr)()
 
 
-__all__ = ["METHODS", "DataSpec", "EarlyStopping", "LossContext", "Method", "Stage", "get_method"]
+__all__ = ["METHODS", "DataSpec", "EarlyStopping", "LossContext", "Method", "PrepareContext",
+           "Stage", "get_method"]

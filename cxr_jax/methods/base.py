@@ -37,6 +37,19 @@ class LossContext(NamedTuple):
   step: jax.Array                        # global step, int32 scalar
 
 
+class PrepareContext(NamedTuple):
+  """What ``Stage.prepare`` sees: the run and the state the stage starts from."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: nn.Module
+  params: Any
+  batch_stats: Any
+  extras: Any
+  mesh: jax.sharding.Mesh
+  make_iterator: Callable[..., Any]   # cxr_jax.data.pipeline.make_iterator's signature
+  batch_sharding: jax.sharding.NamedSharding  # the data sharding for make_iterator
+
+
 LossFn = Callable[[LossContext, Params, Batch, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -49,10 +62,18 @@ class DataSpec:
   maps: annotation maps rendered on the host into the batch as [N,H,W,1]
     float32 in [0,1] ('gaze_map', 'box_map') or [N,P,P,K] ('box_grid').
   augment: apply the config's training augmentations.
+  views: extra independently augmented copies of each image, batch keys
+    'view0', 'view1', ...: each a dict of augmentation fields merged over
+    ``config.data.augment`` (e.g. BYOL's asymmetric views).
+  overrides: '.'-paths into ``config.data`` replaced for this stage's data
+    (e.g. ``{'synthetic.seed': 1}``: pretraining on another dataset);
+    evaluation always reads ``config.data``.
   """
   split: str = "train"
   maps: tuple[str, ...] = ()
   augment: bool = True
+  views: tuple[Mapping[str, Any], ...] = ()
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +102,11 @@ class Stage:
   update_extras: optional ``(state) -> state`` run after each step, inside
     the jitted step (e.g. EMA).
   init_extras: optional ``(params, extras) -> extras`` run when the stage starts.
+  prepare: optional ``(PrepareContext) -> (params, extras)`` run on the host
+    when the stage starts (not when resuming inside it: its results are in
+    the checkpoint), after ``init_extras``: passes over data between stages
+    (e.g. an anchor image, disease masks from CAMs) stored in params leaves
+    no stage trains, or in extras.
   batch_size: global batch size of this stage (0 = ``config.batch_size``).
   eval_every: evaluate on ``eval_split`` every this many stage steps and at the
     stage's end (0 = never).
@@ -99,6 +125,7 @@ class Stage:
   early_stopping: EarlyStopping | None = None
   update_extras: Callable[[Any], Any] | None = None
   init_extras: Callable[[Any, Any], Any] | None = None
+  prepare: Callable[["PrepareContext"], tuple[Any, Any]] | None = None
   batch_size: int = 0
   select_best: bool = True
 

@@ -22,6 +22,10 @@ def abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _is_leaf_metadata(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
 class RunCheckpoints:
   """The latest-N and best-per-stage checkpoint managers of one workdir."""
 
@@ -46,10 +50,28 @@ class RunCheckpoints:
                                                    meta=ocp.args.JsonSave(meta)))
 
   def restore(self, step: int, like):
-    """The TrainState saved at ``step``, with the structure and shardings of ``like``."""
+    """The TrainState saved at ``step``, with the structure and shardings of ``like``.
+
+    ``extras`` follow the checkpoint when their structure differs from ``like``'s
+    (a stage's ``prepare`` may have added some), replicated like ``like.step``.
+    """
+    saved = self._metadata(step).get("extras") or {}
+    target = abstract(like)
+    if jax.tree.structure(saved, is_leaf=_is_leaf_metadata) != jax.tree.structure(like.extras):
+      replicated = like.step.sharding
+      target = target.replace(extras=jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved,
+          is_leaf=_is_leaf_metadata))
     restored = self.latest.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract(like))))
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]
+
+  def _metadata(self, step: int):
+    """The saved state's tree of leaf metadata (shape, dtype) at ``step``."""
+    metadata = ocp.StandardCheckpointer().metadata(
+        os.path.join(self.workdir, "checkpoints", str(step), "state"))
+    tree = getattr(metadata, "item_metadata", metadata)
+    return getattr(tree, "tree", tree)
 
   def restore_replicated(self, step: int, sharding: jax.sharding.Sharding):
     """The TrainState saved at ``step`` as a nested dict, every leaf placed with ``sharding``.
@@ -57,13 +79,8 @@ class RunCheckpoints:
     The target is built from the checkpoint's own metadata, so a state saved by a
     run on another topology (e.g. several processes) restores on this one.
     """
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(self.workdir, "checkpoints", str(step), "state"))
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    is_leaf = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                          tree, is_leaf=is_leaf)
+                          self._metadata(step), is_leaf=_is_leaf_metadata)
     restored = self.latest.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]

@@ -50,7 +50,7 @@ import optax
 from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
-from cxr_jax.methods.base import EarlyStopping, LossContext, Method, Stage
+from cxr_jax.methods.base import EarlyStopping, LossContext, Method, PrepareContext, Stage
 from cxr_jax.models import pretrained
 from cxr_jax.train import optim, parallel
 from cxr_jax.train.checkpoint import RunCheckpoints
@@ -95,6 +95,24 @@ def _improved(value: float, best: float | None, mode: str, tolerance: float = 0.
 
 
 # --------------------------------------------------------------------------- init / carry-over
+
+
+def stage_data_config(data: ml_collections.ConfigDict, stage: Stage) -> ml_collections.ConfigDict:
+  """``config.data`` with the stage's ``DataSpec.overrides`` ('.'-paths) applied."""
+  if not stage.data.overrides:
+    return data
+  out = data.copy_and_resolve_references()
+  with out.unlocked():
+    for path, value in stage.data.overrides.items():
+      *parents, leaf = path.split(".")
+      node = out
+      for key in parents:
+        node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
+      if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise KeyError(f"stage {stage.name!r}: DataSpec.overrides key {path!r} is not a field "
+                       f"of config.data")
+      node[leaf] = value
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "shape", "kwargs"))
@@ -261,9 +279,10 @@ class _Run:
     mon = monitor(stage)
     batch_size = stage.batch_size or config.batch_size
     iterator = self.make_iterator(
-        config.data, stage.data.split, batch_size=batch_size,
+        stage_data_config(config.data, stage), stage.data.split, batch_size=batch_size,
         sharding=parallel.data_sharding(mesh), seed=config.seed + index, shuffle=True,
-        num_epochs=None, drop_remainder=True, maps=stage.data.maps, augment=stage.data.augment)
+        num_epochs=None, drop_remainder=True, maps=stage.data.maps, augment=stage.data.augment,
+        **({"views": stage.data.views} if stage.data.views else {}))
     if progress.get("data") is not None:
       iterator.set_state(parallel.process_state(progress["data"]))
     state_sh = parallel.tree_shardings(state, mesh, config.get("fsdp", False))
@@ -410,6 +429,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             getattr(method, "pretrained_prefixes", ("backbone",)))
       if stage.init_extras is not None:
         extras = stage.init_extras(params, extras)
+      starts_fresh = resume is None or index > resume[1]["stage"]
+      if stage.prepare is not None and starts_fresh:
+        params, extras = stage.prepare(PrepareContext(
+            config=config, workdir=workdir, model=model, params=params, batch_stats=batch_stats,
+            extras=extras, mesh=mesh, make_iterator=make_iterator,
+            batch_sharding=parallel.data_sharding(mesh)))
       labels = optim.param_labels(params, stage.trainable, stage=stage.name, frozen=passengers)
       bs_labels = optim.batch_stats_labels(batch_stats, labels, stage.trainable)
       tx = optim.make_optimizer(stage.optimizer, params, stage.trainable, stage.steps,
