@@ -83,7 +83,25 @@ CHEXPERT14 = LabelSpace(
              "Pleural Other", "Fracture", "Support Devices"),
 )
 
-LABEL_SPACES = {s.name: s for s in (NIH14, CHEXPERT14)}
+# REFLACX phase 2-3 labels (certainty >= 3; phase-1 names mapped onto them in
+# sources/reflacx.py), boxes from the anomaly ellipses.
+REFLACX = LabelSpace(
+    name="reflacx",
+    classes=("Abnormal mediastinal contour", "Acute fracture", "Atelectasis", "Consolidation",
+             "Enlarged cardiac silhouette", "Enlarged hilum", "Groundglass opacity",
+             "Hiatal hernia", "High lung volume / emphysema", "Interstitial lung disease",
+             "Lung nodule or mass", "Pleural abnormality", "Pneumothorax", "Pulmonary edema",
+             "Support devices"),
+    boxed=("Abnormal mediastinal contour", "Acute fracture", "Atelectasis", "Consolidation",
+           "Enlarged cardiac silhouette", "Enlarged hilum", "Groundglass opacity",
+           "Hiatal hernia", "High lung volume / emphysema", "Interstitial lung disease",
+           "Lung nodule or mass", "Pleural abnormality", "Pneumothorax", "Pulmonary edema"),
+)
+
+# EGD-CXR (Karargyris 2021): the three study classes of master_sheet.csv.
+EGD3 = LabelSpace(name="egd3", classes=("Normal", "CHF", "Pneumonia"))
+
+LABEL_SPACES = {s.name: s for s in (NIH14, CHEXPERT14, REFLACX, EGD3)}
 
 # Names that denote the same finding in different label spaces. Only exact
 # synonyms: a class with no counterpart is masked out, never approximated
