@@ -13,6 +13,8 @@ DATASETS = {
     "nih": ("nih14", 1, 256),
     "chexpert": ("chexpert14", 1, 256),
     "mimic": ("chexpert14", 1, 256),
+    "reflacx": ("reflacx", 1, 256),
+    "egd": ("egd3", 1, 256),
 }
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "preact_resnet50", "densenet121", "vgg16")
@@ -53,6 +55,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.normalization = "minus_one_one"   # or "imagenet" (mean/std) for ImageNet weights
   c.data.manual_dir = ""                   # real datasets: the official download folder
   c.data.data_dir = ""                     # real datasets: root of cxr-prepare output (read here)
+  c.data.mimic_dir = ""                    # reflacx / egd without data_dir: MIMIC-CXR-JPG folder
   c.data.prepared_size = 0                 # stored image size to read (0 = data.image_size)
   c.data.uncertainty = "zeros"             # CheXpert-style uncertain labels: zeros / ones / ignore
   c.data.frontal_only = True               # real datasets: frontal views only

@@ -171,7 +171,8 @@ def make_source(data_config: Any, split: str) -> SplitSource:
     return _synthetic_source(data_config, split)
   from cxr_jax.data import prepared  # pylint: disable=import-outside-toplevel
   if data_config.name not in prepared.DATASETS:
-    raise KeyError(f"data.name={data_config.name!r}; known: 'synthetic', {list(prepared.DATASETS)}")
+    raise KeyError(f"data.name={data_config.name!r}; known: 'synthetic', "
+                   f"{list(prepared.DATASETS)}")
   return prepared.make_source(data_config, split)  # real data, prepared by cxr-prepare
 
 

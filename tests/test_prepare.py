@@ -1,0 +1,366 @@
+"""cxr-prepare: ArrayRecord shards round-trip, resume, bad input, splits on prepared data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from configs import common
+from cxr_jax.cli import prepare as prepare_cli
+from cxr_jax.data import pipeline, prepared, schema, splits
+from cxr_jax.data.sources import records as records_lib
+from cxr_jax.data.sources import synthetic
+
+SOURCE_SIZE, SIZE = 48, 32
+NUM_PATIENTS, PER_PATIENT = 12, 2
+TEST_PATIENTS = 4        # the last ones: official test split
+
+
+def fake_records(folder) -> list[records_lib.Record]:
+  """24 phantom images (12 patients) as PNG files; boxes kept on every third patient."""
+  phantoms = synthetic.SyntheticPhantoms(num_examples=NUM_PATIENTS * PER_PATIENT,
+                                         image_size=SOURCE_SIZE, seed=3)
+  out = []
+  for i in range(len(phantoms)):
+    ex = phantoms[i]
+    patient = i // PER_PATIENT
+    path = os.path.join(folder, f"img{i:03d}.png")
+    cv2.imwrite(path, ex["image"])
+    real = ex["box_labels"] >= 0
+    boxed = patient % 3 == 0
+    fixations = ex["gaze"][ex["gaze"][:, 2] > 0]
+    out.append(records_lib.Record(
+        id=f"img{i:03d}.png", path=path, patient_id=f"p{patient}",
+        official_split="test" if patient >= NUM_PATIENTS - TEST_PATIENTS else "train",
+        labels=ex["labels"], label_mask=np.ones_like(ex["labels"]),
+        boxes=ex["boxes"][real] if boxed else np.zeros((0, 4), np.float32),
+        box_labels=ex["box_labels"][real] if boxed else np.zeros((0,), np.int32),
+        gaze=fixations, view="PA"))
+  return out
+
+
+def build(records, data_dir, **kwargs):
+  return prepared.prepare_records("nih", records, records_lib.Problems(), schema.NIH14,
+                                  str(data_dir), SIZE, progress=False, min_shards=1, **kwargs)
+
+
+def data_config(data_dir, **overrides):
+  c = common.base_config("dataset=nih")
+  c.data.data_dir = str(data_dir)
+  c.data.image_size = SIZE
+  c.data.val_fraction = 0.25
+  for key, value in overrides.items():
+    c.data[key] = value
+  return c.data
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+  images = tmp_path_factory.mktemp("images")
+  recs = fake_records(str(images))
+  data_dir = tmp_path_factory.mktemp("prepared")
+  return recs, data_dir, build(recs, data_dir, shard_size=5)
+
+
+def independent_image(path: str) -> np.ndarray:
+  return cv2.resize(cv2.imread(path, cv2.IMREAD_GRAYSCALE), (SIZE, SIZE),
+                    interpolation=cv2.INTER_AREA)
+
+
+def test_every_field_round_trips(fake):
+  recs, _, folder = fake
+  source = prepared.PreparedSource(folder)
+  train = [r for r in recs if r.official_split == "train"]
+  test = [r for r in recs if r.official_split == "test"]
+  assert source.splits == ["train", "test"]
+  assert len(source) == len(recs)
+  for i, r in enumerate(train + test):   # stored order: official train, then test
+    ex = source[i]
+    schema.validate_example(ex, len(schema.NIH14), origin=f"example {i}")
+    np.testing.assert_array_equal(ex["image"], independent_image(r.path))
+    np.testing.assert_array_equal(ex["labels"], r.labels)
+    np.testing.assert_array_equal(ex["label_mask"], r.label_mask)
+    n = len(r.box_labels)
+    np.testing.assert_array_equal(ex["boxes"][:n], r.boxes)
+    np.testing.assert_array_equal(ex["box_labels"][:n], r.box_labels)
+    assert np.all(ex["box_labels"][n:] == -1)
+    np.testing.assert_array_equal(ex["gaze"][:len(r.gaze)], r.gaze)
+    assert np.all(ex["gaze"][len(r.gaze):] == 0)
+    assert (ex["patient_id"], ex["image_id"]) == (r.patient_id, r.id)
+    assert source.official_splits[i] == r.official_split
+    assert source.num_boxes[i] == n
+  with open(os.path.join(folder, prepared.REPORT_FILE)) as f:
+    assert json.load(f)["count"] == 0
+
+
+def test_readable_by_tfds_without_tensorflow(fake):
+  """A fresh process reads the shards with tfds.data_source and never imports TensorFlow."""
+  recs, _, folder = fake
+  code = (
+      "import sys, tensorflow_datasets as tfds\n"
+      f"b = tfds.builder_from_directory({folder!r})\n"
+      "n = {s: len(b.as_data_source(s)) for s in b.info.splits}\n"
+      "x = b.as_data_source('test')[0]\n"
+      "assert x['image'].shape == (%d, %d, 1), x['image'].shape\n"
+      "assert 'tensorflow' not in sys.modules\n"
+      "print(n['train'], n['test'])\n") % (SIZE, SIZE)
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  train = sum(r.official_split == "train" for r in recs)
+  assert out.stdout.split() == [str(train), str(len(recs) - train)]
+
+
+def test_splits_are_patient_level_and_follow_official_test(fake):
+  recs, data_dir, _ = fake
+  config = data_config(data_dir)
+  by_id = {r.id: r for r in recs}
+  parts = {}
+  for split in ("train", "val", "test"):
+    source = pipeline.make_source(config, split)
+    parts[split] = source.indices
+    split_ids = [source.source.image_ids[i] for i in source.indices]
+    if split == "test":
+      assert sorted(split_ids) == sorted(r.id for r in recs if r.official_split == "test")
+    else:
+      assert all(by_id[i].official_split == "train" for i in split_ids)
+    np.testing.assert_array_equal(source.keep_boxes, source.source.num_boxes[source.indices] > 0)
+  pids = pipeline.make_source(config, "train").source.patient_ids
+  splits.assert_patient_disjoint(parts, pids)
+  assert sum(len(v) for v in parts.values()) == len(recs)
+  annotated = pipeline.make_source(config, "annotated_train")
+  assert np.all(annotated.source.num_boxes[annotated.indices] > 0)
+  assert set(annotated.indices) < set(parts["train"])
+
+
+def test_cross_validation_folds(fake):
+  recs, data_dir, _ = fake
+  boxed_patients = {r.patient_id for r in recs if len(r.box_labels)}
+  tests = []
+  for fold in range(2):
+    config = data_config(data_dir, cv=dict(num_folds=2, fold=fold, unannotated_fraction=1.0))
+    parts = {s: pipeline.make_source(config, s) for s in ("train", "val", "test")}
+    pids = parts["test"].source.patient_ids
+    splits.assert_patient_disjoint({s: p.indices for s, p in parts.items()}, pids)
+    assert np.all(parts["test"].keep_boxes)
+    tests.append(set(parts["test"].indices.tolist()))
+    val_patients = set(pids[parts["val"].indices])
+    train_ids = set(pids[parts["train"].indices])
+    # unannotated_fraction=1: every official-train patient without boxes outside val trains.
+    unboxed_train = {r.patient_id for r in recs if r.official_split == "train"} - boxed_patients
+    assert unboxed_train - val_patients <= train_ids
+  assert not tests[0] & tests[1]
+  num_boxes = parts["test"].source.num_boxes
+  pool = {i for i, p in enumerate(pids) if num_boxes[i] and p not in val_patients}
+  assert tests[0] | tests[1] == pool
+
+
+def test_make_iterator_reads_prepared_batches(fake):
+  recs, data_dir, _ = fake
+  config = data_config(data_dir)
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  by_id = {r.id: r for r in recs}
+  with pipeline.make_iterator(config, "test", batch_size=8, sharding=NamedSharding(mesh, P("data")),
+                              seed=0, shuffle=False, num_epochs=1, drop_remainder=False,
+                              augment=False) as it:
+    seen = 0
+    for batch in it:
+      valid = np.asarray(batch["valid"]) > 0
+      for row in np.flatnonzero(valid):
+        index = int(np.asarray(batch["index"])[row])
+        r = by_id[it.source.source.image_ids[it.source.indices[index]]]
+        np.testing.assert_array_equal(np.asarray(batch["labels"])[row], r.labels)
+        n = len(r.box_labels)
+        np.testing.assert_allclose(np.asarray(batch["boxes"])[row, :n], r.boxes, atol=1e-6)
+        assert float(np.asarray(batch["has_boxes"])[row]) == float(n > 0)
+        seen += 1
+  assert seen == sum(r.official_split == "test" for r in recs)
+
+
+def test_label_space_mapping_by_name(fake):
+  recs, data_dir, _ = fake
+  source = pipeline.make_source(data_config(data_dir, label_space="chexpert14"), "test")
+  mapping = schema.label_mapping(schema.NIH14, schema.CHEXPERT14)
+  for k in range(len(source)):
+    ex = source[k]
+    r = next(r for r in recs if r.id == ex["image_id"])
+    np.testing.assert_array_equal(ex["labels"], np.where(mapping >= 0, r.labels[mapping], 0))
+    np.testing.assert_array_equal(ex["label_mask"], (mapping >= 0).astype(np.float32))
+    expected = sorted(int(np.flatnonzero(mapping == c)[0]) for c in r.box_labels
+                      if c in mapping)
+    assert sorted(ex["box_labels"][ex["box_labels"] >= 0].tolist()) == expected
+
+
+def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkeypatch):
+  recs = fake_records(str(tmp_path))[:12]
+  calls = {"n": 0}
+  encode = prepared.encode_record
+
+  def dies_after_seven(record, image_size):
+    calls["n"] += 1
+    if calls["n"] > 7:
+      raise KeyboardInterrupt("killed")
+    return encode(record, image_size)
+
+  monkeypatch.setattr(prepared, "encode_record", dies_after_seven)
+  with pytest.raises(KeyboardInterrupt):
+    build(recs, tmp_path / "resumed", shard_size=3)
+  monkeypatch.setattr(prepared, "encode_record", encode)
+  final = prepared.dataset_dir(str(tmp_path / "resumed"), "nih", SIZE)
+  work = os.path.join(os.path.dirname(final), f".incomplete-{prepared.VERSION}")
+  assert not os.path.exists(final)
+  done = sorted(n for n in os.listdir(work) if n.startswith("cxr_nih-"))
+  assert len(done) == 2            # 7 records encoded = 2 whole shards of 3
+  assert not any(n.startswith(".tmp-") for n in os.listdir(work))
+  stat = {n: os.stat(os.path.join(work, n)) for n in done}
+  open(os.path.join(work, ".tmp-cxr_nih-train.array_record-00002-of-00004-999"), "wb").close()
+  with pytest.raises(FileNotFoundError, match="unfinished build"):
+    prepared.open_prepared(data_config(tmp_path / "resumed"))
+
+  encoded = []
+
+  def counting(record, image_size):
+    encoded.append(record.id)
+    return encode(record, image_size)
+
+  monkeypatch.setattr(prepared, "encode_record", counting)
+  assert build(recs, tmp_path / "resumed", shard_size=3) == final
+  assert encoded == [r.id for r in recs[6:]]     # only the unfinished shards were encoded
+  for name, before in stat.items():
+    after = os.stat(os.path.join(final, name))
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+  clean = build(recs, tmp_path / "clean", shard_size=3)
+  names = sorted(os.listdir(clean))
+  assert sorted(os.listdir(final)) == names
+  for name in names:
+    if name != "dataset_info.json":   # holds the folder path
+      with open(os.path.join(final, name), "rb") as a, open(os.path.join(clean, name), "rb") as b:
+        assert a.read() == b.read(), name
+
+
+def test_bad_image_raises_naming_it_and_leaves_nothing_complete(tmp_path):
+  recs = fake_records(str(tmp_path))[:6]
+  with open(recs[4].path, "wb") as f:
+    f.write(b"not a png")
+  with pytest.raises(records_lib.BadInput, match=recs[4].id) as info:
+    build(recs, tmp_path / "out", shard_size=2)
+  assert recs[4].path in str(info.value)
+  assert not os.path.exists(prepared.dataset_dir(str(tmp_path / "out"), "nih", SIZE))
+  with pytest.raises(FileNotFoundError, match="data.data_dir"):
+    prepared.open_prepared(data_config(tmp_path / "out"))
+
+  folder = build(recs, tmp_path / "out", shard_size=2, skip_bad=True)   # resumes the failed build
+  source = prepared.PreparedSource(folder)
+  assert recs[4].id not in source.image_ids and len(source) == 5
+  with open(os.path.join(folder, prepared.REPORT_FILE)) as f:
+    report = json.load(f)
+  assert report["bad_count"] == 1 and report["entries"][0]["file"] == recs[4].path
+
+
+def test_missing_data_dir_names_the_key_and_command(tmp_path):
+  with pytest.raises(ValueError, match=r"data\.data_dir.*\n.*cxr-prepare --dataset=nih"):
+    pipeline.make_source(data_config(""), "train")
+  with pytest.raises(FileNotFoundError, match=r"cxr-prepare --dataset=nih .*--image_size=32"):
+    pipeline.make_source(data_config(tmp_path), "train")
+
+
+def small_nih_tree(sample, folder, num_images=6, extra_rows=()):
+  """An NIH-layout folder with the first ``num_images`` boxed sample images (symlinked)."""
+  os.makedirs(folder / "images")
+  names = sorted(os.listdir(sample / "images"))[:num_images]
+  for name in names:
+    os.symlink(sample / "images" / name, folder / "images" / name)
+  with open(sample / "Data_Entry_2017_v2020.csv") as f:
+    lines = f.read().splitlines()
+  rows = [line for line in lines[1:] if line.split(",")[0] in set(names)]
+  entries = [lines[0], *rows, *extra_rows]
+  (folder / "Data_Entry_2017_v2020.csv").write_text("\n".join(entries) + "\n")
+  with open(sample / "BBox_List_2017.csv") as f:
+    box_lines = f.read().splitlines()
+  boxes = [line for line in box_lines[1:] if line.split(",")[0] in set(names)]
+  (folder / "BBox_List_2017.csv").write_text("\n".join([box_lines[0], *boxes]) + "\n")
+  (folder / "test_list.txt").write_text("\n".join(names) + "\n")
+  (folder / "train_val_list.txt").write_text("\n")
+  return names, len(boxes), len(rows) + 2
+
+
+def test_cli_bad_row_raises_naming_file_and_line_or_is_reported(nih_sample_dir, tmp_path):
+  row = "99999999_000.png,Atelectasis|Sunburn,0,99999999,50,M,PA,1024,1024,0.14,0.14"
+  names, _, bad_line = small_nih_tree(nih_sample_dir, tmp_path / "nih", extra_rows=[row])
+  argv = ["--dataset=nih", f"--manual_dir={tmp_path / 'nih'}", f"--data_dir={tmp_path / 'out'}",
+          f"--image_size={SIZE}", "--workers=1", "--no_progress"]
+  with pytest.raises(records_lib.BadInput, match=rf"Data_Entry_2017_v2020\.csv, line {bad_line}"):
+    prepare_cli.main(argv)
+  assert not os.path.exists(prepared.dataset_dir(str(tmp_path / "out"), "nih", SIZE))
+  folder = prepare_cli.main(argv + ["--skip_bad"])
+  with open(os.path.join(folder, prepared.REPORT_FILE)) as f:
+    report = json.load(f)
+  assert report["bad_count"] == 1 and report["entries"][0]["row"] == bad_line
+  assert sorted(prepared.PreparedSource(folder).image_ids) == names
+
+
+def test_nih_sample_two_workers(nih_sample_dir, tmp_path):
+  """The real sample through the CLI with 2 processes: 880 images, 984 boxes, official test."""
+  folder = prepare_cli.main(["--dataset=nih", f"--manual_dir={nih_sample_dir}",
+                             f"--data_dir={tmp_path}", f"--image_size={SIZE}", "--workers=2",
+                             "--only_present", "--no_progress"])
+  source = prepared.PreparedSource(folder)
+  assert len(source) == 880 and source.num_boxes.sum() == 984
+  assert set(source.official_splits) == {"test"}
+  for i in range(0, 880, 97):
+    ex = source[i]
+    path = os.path.join(nih_sample_dir, "images", ex["image_id"])
+    np.testing.assert_array_equal(ex["image"], independent_image(path))
+  config = data_config(tmp_path, cv=dict(num_folds=5, fold=1, unannotated_fraction=0.0))
+  parts = {s: pipeline.make_source(config, s).indices for s in ("train", "val", "test")}
+  splits.assert_patient_disjoint(parts, source.patient_ids)
+  assert sum(len(p) for p in parts.values()) == 880
+
+
+def test_tfds_builder_matches_cxr_prepare(nih_sample_dir, tmp_path):
+  """`tfds build`'s route (CxrNih builder) stores the same examples as cxr-prepare."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  from cxr_jax.data.tfds import builders  # pylint: disable=import-outside-toplevel
+  names, num_boxes, _ = small_nih_tree(nih_sample_dir, tmp_path / "nih")
+  builder = builders.CxrNih(config=builders.CxrConfig.make(SIZE), data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "nih")))
+  ours = prepared.PreparedSource(prepare_cli.main([
+      "--dataset=nih", f"--manual_dir={tmp_path / 'nih'}", f"--data_dir={tmp_path / 'ours'}",
+      f"--image_size={SIZE}", "--workers=1", "--no_progress"]))
+  theirs = prepared.make_source(data_config(tmp_path / "tfds"), "test").source  # no index file
+  assert sorted(theirs.image_ids) == sorted(ours.image_ids) == names
+  assert theirs.num_boxes.sum() == num_boxes
+  for i in range(len(theirs)):
+    a, b = theirs[i], ours[int(np.flatnonzero(ours.image_ids == theirs.image_ids[i])[0])]
+    for key in schema.EXAMPLE_SPEC:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_manual_dir_without_data_dir_reads_directly(nih_sample_dir, tmp_path):
+  """No data.data_dir: the official files are read directly, same examples as prepared."""
+  names, _, _ = small_nih_tree(nih_sample_dir, tmp_path / "nih")
+  folder = prepare_cli.main(["--dataset=nih", f"--manual_dir={tmp_path / 'nih'}",
+                             f"--data_dir={tmp_path / 'out'}", f"--image_size={SIZE}",
+                             "--workers=1", "--no_progress"])
+  stored = prepared.PreparedSource(folder)
+  config = data_config("", manual_dir=str(tmp_path / "nih"))
+  direct = pipeline.make_source(config, "test")
+  assert isinstance(direct.source, prepared.ReaderSource)
+  assert sorted(direct.source.image_ids[direct.indices]) == names
+  for k in range(len(direct)):
+    a = direct[k]
+    b = stored[int(np.flatnonzero(stored.image_ids == a["image_id"])[0])]
+    for key in schema.EXAMPLE_SPEC:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_reads_the_smallest_prepared_size_not_below_image_size(fake):
+  _, data_dir, _ = fake
+  assert prepared.open_prepared(data_config(data_dir, image_size=SIZE // 2)).image_size == SIZE
+  with pytest.raises(FileNotFoundError, match=f"--image_size={2 * SIZE}"):
+    prepared.open_prepared(data_config(data_dir, image_size=2 * SIZE))
