@@ -336,6 +336,32 @@ class _Scene:
     return lung.cx, lung.cy - 0.2 * lung.ry
 
 
+def anatomy_regions(image_size: int) -> dict[str, np.ndarray]:
+  """bool [S,S] regions of the mid-range anatomy in the canonical pose (no pose jitter).
+
+  Every anatomy parameter at the middle of its sampling range: 'lung_image_left',
+  'lung_image_right' (air fields, outside heart and mediastinum), 'heart', and
+  'below_heart' (where hernias are drawn). For templates such as Kim 2022's
+  pseudo-disease masks.
+  """
+  mid = lambda low, high: (low + high) / 2
+  dome_right = mid(0.36, 0.44)
+  dome_left = dome_right + mid(0.03, 0.08)
+  anatomy = _Anatomy(
+      body_rx=mid(0.86, 0.94), body_ry=mid(1.05, 1.2), body_cy=mid(0.12, 0.2),
+      tissue=mid(0.52, 0.6), air=mid(0.28, 0.34), lung_cx=mid(0.39, 0.43),
+      lung_rx=mid(0.3, 0.34), apex=mid(-0.72, -0.64), dome=(dome_right, dome_left),
+      dome_k=mid(1.4, 2.0),
+      heart=(mid(0.1, 0.15), dome_left - mid(0.1, 0.15), mid(0.28, 0.32), mid(0.2, 0.24)),
+      rib_spacing=mid(0.13, 0.16), rib_phase=0.5, markings=mid(0.06, 0.09))
+  scene = _Scene(image_size, Pose(), anatomy, np.random.default_rng(0))
+  _, hy, _, hry = anatomy.heart
+  radius = mid(0.09, 0.13)
+  hernia = _ellipse_q(scene.u, scene.v, 0.03, hy + hry * mid(0.55, 0.8), radius * 1.2, radius)
+  return {"lung_image_left": scene.field[0], "lung_image_right": scene.field[1],
+          "heart": scene.heart_q < 1, "below_heart": hernia < 1}
+
+
 # ---------------------------------------------------------------------------
 # Findings: each adds to scene.density (and may change scene.markings) and
 # returns the boolean masks of its drawn instances.
