@@ -5,24 +5,40 @@ trains both stages, evaluates, and writes the Grad-CAM shift of Eq. 5 to
 WORKDIR/eval/vkd_cam.json.
 
 Arg keys: those of ``common.base_config`` plus ``release`` (Table 4 row, see
-``cxr_jax.methods.vkd.RELEASES``) and ``annotation`` ('gaze' | 'boxes' |
-'gaze+boxes'). The paper gives neither the latent size, beta nor learning
-rates: the values below are ours.
+``cxr_jax.methods.vkd.RELEASES``), ``annotation`` ('gaze' | 'boxes' |
+'gaze+boxes'), ``fold`` (NIH) and ``subset`` (MIMIC). The paper gives neither
+the latent size, beta nor learning rates: the values below are ours.
+
+Real-data presets (they run where ``cxr-prepare`` has built the datasets
+under ``--config.data.data_dir``):
+  dataset=nih,fold=K     ChestX-ray14, the paper's protocol (Sec. 4.1.1): all
+                         boxes lie in the official test split, so 5-fold
+                         cross-validation over the boxed images; stage 1 on
+                         every unboxed image plus the 4 training folds, stage 2
+                         on the training folds' boxes, test = fold K.
+                         ``get_sweep('dataset=nih')``: Table 4's rows x 5 folds.
+  dataset=mimic,subset=S  MIMIC-CXR (Sec. 4.1.2), stage 2 on the prepared
+                         dataset S: 'reflacx' (gaze or boxes) or 'egd' (gaze),
+                         test = MIMIC's official test split.
+224 px and ImageNet normalization (Sec. 4.2); ImageNet weights come from
+``--config.model.init_from`` (both encoders, ``VKD.pretrained_prefixes``).
 """
 
 import ml_collections
 
 from configs import common
 
-VKD_ARGS = {"release": "ch2_prior", "annotation": "boxes"}
+VKD_ARGS = {"release": "ch2_prior", "annotation": "boxes", "fold": "0", "subset": ""}
 # Table 4, top to bottom (encoder / CH1 / CH2 released in stage 2; the prior always).
 TABLE4_RELEASES = ("ch1_prior", "ch1_ch2_prior", "all", "ch2_prior")
 # Table 1's annotation kinds the synthetic phantoms and NIH provide (NIH: boxes only).
 TABLE1_ANNOTATIONS = ("boxes", "gaze", "gaze+boxes")
+# MIMIC-CXR's annotated subsets (prepared datasets) and the annotation kinds each provides.
+MIMIC_SUBSETS = {"reflacx": ("gaze", "boxes", "gaze+boxes"), "egd": ("gaze",)}
 
 
 def _split_arg(arg):
-  """'a=1,release=all' -> ('a=1', {'release': 'all', 'annotation': default})."""
+  """'a=1,release=all' -> ('a=1', {'release': 'all', 'annotation': default, ...})."""
   common_items, vkd = [], dict(VKD_ARGS)
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
@@ -37,6 +53,7 @@ def get_config(arg=None):
   common_arg, a = _split_arg(arg)
   c = common.base_config(common_arg)
   runlocal = "runlocal" in common_arg.split(",")
+  size_given = any(item.partition("=")[0].strip() == "size" for item in common_arg.split(","))
   c.method = "vkd"
   c.vkd = ml_collections.ConfigDict()
   c.vkd.release = a["release"]          # Table 4 row (methods/vkd.py RELEASES)
@@ -54,12 +71,21 @@ def get_config(arg=None):
   c.vkd.stage2.steps = 500
   c.vkd.stage2.eval_every = 100
   c.vkd.stage2.batch_size = 32
+  c.vkd.stage2.split = "annotated_train"  # the annotated subset of Sec. 3.3
+  c.vkd.stage2.dataset = ""             # '' = data.name; MIMIC: the prepared 'reflacx' / 'egd' 
   c.vkd.stage2.optimizer = ml_collections.ConfigDict(c.optimizer.to_dict())
   c.vkd.stage2.optimizer.learning_rate = 1e-4
 
   c.optimizer.name = "adam"
   c.train_steps = 2000                  # stage 1
   c.eval_every = 250
+
+  if c.data.name == "nih":
+    _nih_cross_validation(c, int(a["fold"]), size_given)
+  elif c.data.name == "mimic":
+    _mimic_subset(c, a["subset"], size_given)
+  elif a["subset"]:
+    raise KeyError(f"config arg subset={a['subset']!r} needs dataset=mimic")
 
   if runlocal:
     c.data.image_size = 64               # 2x2 feature maps: Grad-CAM is constant at 32 px (1x1)
@@ -71,10 +97,47 @@ def get_config(arg=None):
   return c
 
 
+def _real_data(c, size_given):
+  """Sec. 4.2: 224 x 224 images, ImageNet normalization (ImageNet-pretrained encoders)."""
+  if not size_given:
+    c.data.image_size = 224
+  c.data.normalization = "imagenet"
+  c.batch_size = 64
+  c.train_steps, c.eval_every, c.checkpoint_every = 30_000, 1000, 1000
+  c.vkd.stage2.steps, c.vkd.stage2.eval_every = 3000, 100
+
+
+def _nih_cross_validation(c, fold, size_given):
+  """ChestX-ray14 with its box subset under 5-fold cross-validation (Sec. 4.1.1)."""
+  if c.vkd.annotation != "boxes":
+    raise ValueError(f"dataset=nih has boxes only; got annotation={c.vkd.annotation!r}")
+  _real_data(c, size_given)
+  c.data.cv.num_folds = 5
+  c.data.cv.fold = fold
+  c.data.cv.unannotated_fraction = 1.0   # the base set: every image without boxes
+  c.vkd.cam_split = "test"                # the held-out fold: all of it has boxes
+
+
+def _mimic_subset(c, subset, size_given):
+  """MIMIC-CXR base set, stage 2 on REFLACX or EGD-CXR (Sec. 4.1.2, Table 1)."""
+  if subset not in MIMIC_SUBSETS:
+    raise KeyError(f"dataset=mimic needs subset= one of {list(MIMIC_SUBSETS)}; got {subset!r}")
+  if c.vkd.annotation not in MIMIC_SUBSETS[subset]:
+    raise ValueError(f"subset={subset} provides {MIMIC_SUBSETS[subset]}; got "
+                     f"annotation={c.vkd.annotation!r}")
+  _real_data(c, size_given)
+  c.vkd.stage2.dataset = subset
+  c.vkd.stage2.split = "train"            # every image of the subset carries its annotation
+  c.vkd.cam_split = "test"                # the subset's test images (Eq. 5); AUROC on MIMIC's test
+
+
 def get_sweep(arg=None):
-  """Override dicts: Table 4's four release rows, then Table 1's other annotation kinds."""
-  del arg
-  rows = [{"vkd.release": r, "vkd.annotation": VKD_ARGS["annotation"]} for r in TABLE4_RELEASES]
-  rows += [{"vkd.release": VKD_ARGS["release"], "vkd.annotation": a}
-           for a in TABLE1_ANNOTATIONS if a != VKD_ARGS["annotation"]]
+  """Override dicts. Synthetic: Table 4's four release rows, then Table 1's other
+  annotation kinds. dataset=nih: Table 4's rows on each of the 5 folds."""
+  _, a = _split_arg(arg)
+  rows = [{"vkd.release": r, "vkd.annotation": a["annotation"]} for r in TABLE4_RELEASES]
+  if "dataset=nih" in (arg or "").split(","):
+    return [{**row, "data.cv.fold": fold} for fold in range(5) for row in rows]
+  rows += [{"vkd.release": VKD_ARGS["release"], "vkd.annotation": kind}
+           for kind in TABLE1_ANNOTATIONS if kind != a["annotation"]]
   return rows

@@ -15,6 +15,7 @@ from cxr_jax import losses
 from cxr_jax.methods import get_method
 from cxr_jax.methods import vkd
 from cxr_jax.methods.base import LossContext
+from cxr_jax.models import pretrained
 from cxr_jax.models.vkd import VKDModel, reparameterize
 from cxr_jax.train import optim, trainer
 
@@ -258,3 +259,55 @@ def test_positive_class_cams_match_a_reference_grad_cam():
       m = (m - m.min()) / (m.max() - m.min() + 1e-7)
       expect = np.maximum(expect, m)
     np.testing.assert_allclose(got[n], expect, atol=2e-4)
+
+
+def test_init_from_loads_both_encoders_and_leaves_the_heads(tmp_path):
+  """config.model.init_from (ImageNet weights, Sec. 4.2) goes into the image and the annotation encoder."""
+  method = TinyVKD()
+  model, variables = _init(method, tiny_vkd_config())
+  x = jnp.zeros((1, 32, 32, 1))
+  converted = jax.tree.map(lambda a: np.asarray(a) + 1.0, w.TinyNet().init(jax.random.key(7), x))
+  path = str(tmp_path / "tiny.npz")
+  pretrained.save_flax(converted, path)
+  params, batch_stats = pretrained.init_from(path, variables["params"], variables["batch_stats"],
+                                             method.pretrained_prefixes)
+  flat = lambda tree: traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+  source = flat(converted["params"])
+  for prefix in ("encoder", "prior_encoder"):
+    for path_, value in source.items():
+      np.testing.assert_array_equal(flat(params)[f"{prefix}/{path_}"], value)
+    for path_, value in flat(converted["batch_stats"]).items():
+      np.testing.assert_array_equal(flat(batch_stats)[f"{prefix}/{path_}"], value)
+  before = flat(variables["params"])
+  for path_, value in flat(params).items():
+    if path_.split("/")[0] not in ("encoder", "prior_encoder"):
+      np.testing.assert_array_equal(value, before[path_])
+
+
+def test_real_data_presets():
+  """NIH: 5-fold CV over the boxed images (Sec. 4.1.1); MIMIC: stage 2 on REFLACX / EGD (Sec. 4.1.2)."""
+  nih = vkd_config.get_config("dataset=nih,fold=3,backbone=resnet50")
+  assert (nih.data.cv.num_folds, nih.data.cv.fold, nih.data.cv.unannotated_fraction) == (5, 3, 1.0)
+  assert (nih.data.image_size, nih.data.normalization) == (224, "imagenet")
+  assert vkd_config.get_config("dataset=nih,size=256").data.image_size == 256
+  with pytest.raises(ValueError, match="boxes only"):
+    vkd_config.get_config("dataset=nih,annotation=gaze")
+  rows = vkd_config.get_sweep("dataset=nih")
+  assert sorted((r["data.cv.fold"], r["vkd.release"]) for r in rows) == sorted(
+      (f, r) for f in range(5) for r in vkd_config.TABLE4_RELEASES)
+
+  mimic = vkd_config.get_config("dataset=mimic,subset=egd,annotation=gaze")
+  base, prior = vkd.VKD().stages(mimic)
+  assert base.data.overrides == {} and base.data.split == "train"
+  assert prior.data.overrides == {"name": "egd"} and prior.data.split == "train"
+  assert prior.data.maps == ("gaze_map",)
+  assert vkd.stage2_data_config(mimic).name == "egd" and mimic.data.name == "mimic"
+  with pytest.raises(ValueError, match="provides"):
+    vkd_config.get_config("dataset=mimic,subset=egd,annotation=boxes")
+  with pytest.raises(KeyError, match="subset"):
+    vkd_config.get_config("dataset=mimic")
+  with pytest.raises(KeyError, match="needs dataset=mimic"):
+    vkd_config.get_config("subset=reflacx")
+  synthetic = vkd_config.get_config("runlocal")
+  assert vkd.VKD().stages(synthetic)[1].data.overrides == {}
+  assert vkd.stage2_data_config(synthetic) is synthetic.data

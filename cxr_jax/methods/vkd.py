@@ -10,10 +10,12 @@ in closed form (``losses.gaussian_kl``), averaged over the batch.
 Stages (Sec. 3.3):
   'base'   on split 'train' (all images, labels only), prior N(0, I), encoder,
            CH1, CH2 and classifier trained (the prior network is unused).
-  'prior'  on split 'annotated_train' with the annotation map c of
-           ``vkd.annotation``, prior p(z|c); the parts ``vkd.release`` names
-           are trained, the rest frozen (a frozen encoder runs BatchNorm on its
-           running averages). ``RELEASES`` holds Table 4's four rows.
+  'prior'  on split ``vkd.stage2.split`` ('annotated_train') of
+           ``vkd.stage2.dataset`` ('' = ``data.name``; MIMIC: 'reflacx' or
+           'egd') with the annotation map c of ``vkd.annotation``, prior
+           p(z|c); the parts ``vkd.release`` names are trained, the rest frozen
+           (a frozen encoder runs BatchNorm on its running averages).
+           ``RELEASES`` holds Table 4's four rows.
 Both evaluate on 'val' every ``eval_every`` steps, stop early after
 ``vkd.patience`` evaluations without a 1 % improvement of the mean AUROC, and
 end with their best params (WORKDIR/best/<stage>).
@@ -21,7 +23,8 @@ end with their best params (WORKDIR/best/<stage>).
 Inference uses the posterior mean z = mu (no sampling). After training
 (``VKD.after_training``, run by the trainer), ``cam_shift_report`` compares
 Grad-CAMs of the stage-1 and stage-2 params against the annotation maps of
-annotated test images (Eq. 5) and writes WORKDIR/eval/vkd_cam.json.
+annotated test images of the stage-2 dataset (Eq. 5) and writes
+WORKDIR/eval/vkd_cam.json.
 """
 
 from __future__ import annotations
@@ -70,6 +73,23 @@ ANNOTATIONS = {
 }
 
 
+def stage2_overrides(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """``DataSpec.overrides`` of stage 2: the dataset of its annotated subset."""
+  dataset = config.vkd.stage2.dataset
+  return {"name": dataset} if dataset and dataset != config.data.name else {}
+
+
+def stage2_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.data`` of the stage-2 dataset (where the annotation maps are)."""
+  overrides = stage2_overrides(config)
+  if not overrides:
+    return config.data
+  data = config.data.copy_and_resolve_references()
+  with data.unlocked():
+    data.update(overrides)
+  return data
+
+
 def trainable_regexes(parts) -> tuple[str, ...]:
   return tuple(r for part in parts for r in PARTS[part])
 
@@ -110,6 +130,9 @@ def vkd_loss(beta: float, num_samples: int, maps: tuple[str, ...], ctx: LossCont
 class VKD:
   """Two-stage variational classifier with an annotation-conditioned prior."""
   name = "vkd"
+  # config.model.init_from: both the image and the annotation encoder start from
+  # the same ImageNet weights (Sec. 4.2).
+  pretrained_prefixes = ("encoder", "prior_encoder")
 
   def backbone(self, config: ml_collections.ConfigDict) -> nn.Module:
     """The image backbone (config.model); subclasses may swap it."""
@@ -143,7 +166,7 @@ class VKD:
         name="prior", loss=functools.partial(vkd_loss, v.beta, v.train_samples, maps),
         steps=v.stage2.steps, optimizer=v.stage2.optimizer,
         trainable=trainable_regexes(released),
-        data=DataSpec(split="annotated_train", maps=maps),
+        data=DataSpec(split=v.stage2.split, maps=maps, overrides=stage2_overrides(config)),
         apply_kwargs={"train_encoder": "encoder" in released},
         eval_every=v.stage2.eval_every, early_stopping=stop, batch_size=v.stage2.batch_size)
     return [base, prior]
@@ -199,7 +222,8 @@ def load_stage_variables(workdir: str, stage: str, keep: int = 1) -> dict:
 
 def collect_cams(method: VKD, model: nn.Module, stage_variables: dict, config, *, mesh,
                  make_iterator=None) -> dict[str, np.ndarray]:
-  """Grad-CAMs of each stage's variables on the annotated images of ``config.vkd.cam_split``.
+  """Grad-CAMs of each stage's variables on the annotated images of ``config.vkd.cam_split``
+  of the stage-2 dataset (``stage2_data_config``).
 
   An image counts as annotated when its annotation map (``config.vkd.annotation``)
   is not all zero and it has a positive label; the first ``config.vkd.cam_max_images``
@@ -228,9 +252,10 @@ def collect_cams(method: VKD, model: nn.Module, stage_variables: dict, config, *
     raise ValueError(f"config.data.image_size={size} gives a {feature_shape[1]}x{feature_shape[2]} "
                      f"feature map: its Grad-CAM is constant over the image; use larger images")
   stage_variables = {k: jax.device_put(v, replicated) for k, v in stage_variables.items()}
-  batches = make_iterator(config.data, config.vkd.cam_split, batch_size=config.eval_batch_size,
-                          sharding=data, seed=config.seed, shuffle=False, num_epochs=1,
-                          drop_remainder=False, maps=maps, augment=False)
+  batches = make_iterator(stage2_data_config(config), config.vkd.cam_split,
+                          batch_size=config.eval_batch_size, sharding=data, seed=config.seed,
+                          shuffle=False, num_epochs=1, drop_remainder=False, maps=maps,
+                          augment=False)
   parts: dict[str, list[np.ndarray]] = {}
   kept = 0
   try:
