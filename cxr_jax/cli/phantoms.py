@@ -4,6 +4,12 @@
 
 Boxes are drawn in a colour per class with the class name; gaze fixations are
 circles centred on (x, y) with a radius proportional to their duration.
+
+With --export_dir, writes --num phantoms as an NIH ChestX-ray14 download
+instead (``cxr_jax.data.sources.phantom_export``), in parallel over --workers
+processes, ready for ``cxr-prepare --dataset=nih --manual_dir=DIR``:
+
+  cxr-phantoms --export_dir=/data/phantoms_nih --num=20000 --size=512 --workers=8
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from cxr_jax.data import schema  # pylint: disable=g-import-not-at-top
+from cxr_jax.data.sources import phantom_export  # pylint: disable=g-import-not-at-top
 from cxr_jax.data.sources import synthetic  # pylint: disable=g-import-not-at-top
 
 # Fixation circle radius, as a fraction of the image size per second of dwell.
@@ -78,9 +85,32 @@ def run(argv: list[str] | None = None) -> None:
   parser.add_argument("--offset", type=int, default=0, help="index of the first phantom")
   parser.add_argument("--columns", type=int, default=4, help="panels per row")
   parser.add_argument("--dpi", type=int, default=100)
+  parser.add_argument("--export_dir", default="",
+                      help="write the phantoms as an NIH download here instead of a grid")
+  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                      help="--export_dir: rendering processes")
+  parser.add_argument("--test_fraction", type=float,
+                      default=phantom_export.DEFAULT_TEST_FRACTION,
+                      help="--export_dir: fraction of patients in test_list.txt")
   args = parser.parse_args(argv)
-  if args.num < 1 or args.columns < 1:
-    parser.error(f"--num={args.num} and --columns={args.columns} must be >= 1")
+  if args.num < 1 or args.columns < 1 or args.workers < 1:
+    parser.error(f"--num={args.num}, --columns={args.columns} and --workers={args.workers} "
+                 f"must be >= 1")
+  if args.export_dir:
+    if args.offset:
+      parser.error("--offset does not apply to --export_dir (phantoms 0 .. num-1 are written)")
+    try:
+      summary = phantom_export.export(args.export_dir, args.num, args.size, seed=args.seed,
+                                      workers=args.workers, test_fraction=args.test_fraction)
+    except ValueError as e:
+      parser.error(str(e))
+    print(f"wrote {summary['images']} phantoms at {args.size} px ({summary['boxes']} boxes; "
+          f"train_val {summary['train_val']}, test {summary['test']}) in "
+          f"{summary['seconds']:.1f} s = {summary['images'] / summary['seconds']:.1f} images/s "
+          f"with {args.workers} workers\n-> {args.export_dir}\n"
+          f"prepare with: cxr-prepare --dataset=nih --manual_dir={args.export_dir} "
+          f"--data_dir=DATA_DIR --image_size={args.size}")
+    return
   source = synthetic.SyntheticPhantoms(num_examples=args.num, image_size=args.size,
                                        seed=args.seed, offset=args.offset)
   fig = plot_grid([source[i] for i in range(len(source))], args.columns)
