@@ -1,0 +1,322 @@
+"""BYOL self-supervision with a Grad-CAM box loss, then fine-tuning (Talasila et al. 2023).
+
+Model: ``cxr_jax.models.byol.BYOLNetwork`` (backbone f, projector g,
+predictor q, linear probe, fine-tuning head).
+
+Stages:
+  'pretrain' (``byol.ssl``; split 'train' of the pretraining data, which
+      ``byol.pretrain_overrides`` may swap for another dataset, e.g. a second
+      phantom seed): two views per image from the input pipeline
+      (``DataSpec.views``: view0 = the online view t, view1 = the stronger,
+      more likely target view t'), one online forward over
+      [view0; view1; image] and one target forward over [view0; view1], loss
+
+        L = L_{theta,delta} + L~_{theta,delta} + lambda * L_CAM + L_probe   (Eq. 8)
+
+      with L_{theta,delta} the normalized MSE of Eq. 3 (symmetrised), the
+      target network (backbone + projector) an EMA of the online one (Eq. 5,
+      ``ema_update``; tau fixed or BYOL's cosine schedule) in
+      ``TrainState.extras['target']``.
+      Where the class score comes from: self-supervised pretraining has no
+      classifier, so the class score y^c that Grad-CAM differentiates is a
+      linear probe on the pooled online features y = GAP(A), trained jointly
+      with BCE on the image labels of 'image' (L_probe). With
+      ``byol.probe_into_encoder`` False (default) the probe's BCE sees
+      stop_gradient(y), so labels reach the encoder only through the CAM loss
+      (the encoder stays self-supervised apart from the box term); True lets
+      the probe's BCE train the encoder as well (weakly + fully supervised).
+      The CAM loss always trains both encoder and probe.
+  'finetune': encoder + a new linear head on split 'train', weighted BCE
+      (``losses.weighted_bce``), the data's random affine (p = 0.5),
+      ReduceLROnPlateau on the validation AUROC (factor 0.1, patience 4
+      evaluations, lr floor ``byol.finetune.min_learning_rate``), ends with
+      the best-validation-AUROC params. ``byol.finetune.cam_weight`` > 0 adds
+      the CAM loss on the head's Grad-CAM (the "XRV + CAM loss" row).
+
+CAM loss (Eq. 6-7, ``cam_loss``): for each image with boxes and each class c
+among its boxes, the Grad-CAM map of the encoder's last feature map for c
+(signed by default, see ``byol.cam_relu``), upsampled bilinearly to the image,
+against the union of all the image's boxes as a binary mask (pixel-centre
+rule, after the batch's augmentation): l_{n,c} = mean over pixels of
+BCE(sigmoid(GC^{n,c}), mask_n); L_CAM = the mean of l over the (n, c) pairs.
+The gradient flows through Grad-CAM (second order through ``cam.grad_cam``).
+
+After training (``after_training``): Grad-CAM vs Grad-CAM++ vs Score-CAM on
+boxed test images (panel PNG and mean box IoU per CAM kind) and a micro-averaged
+PR curve with iso-F1 lines, ``cxr_jax.evaluation.byol_report``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cxr_jax import cam, losses
+from cxr_jax.data import schema
+from cxr_jax.methods.base import Batch, DataSpec, LossContext, Stage
+from cxr_jax.methods.baseline import label_mask
+from cxr_jax.models.backbones import backbone_from_config
+from cxr_jax.models.byol import BYOLNetwork
+
+TARGET_PARTS = ("backbone", "projector")
+TAU_SCHEDULES = ("constant", "cosine")
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def normalized_mse(prediction: jax.Array, target: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """Eq. 3: || p / |p| - z / |z| ||^2 = 2 - 2 cos(p, z). [N,P], [N,P] -> [N]."""
+  p = prediction / jnp.maximum(jnp.linalg.norm(prediction, axis=-1, keepdims=True), eps)
+  z = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), eps)
+  return jnp.sum(jnp.square(p - z), axis=-1)
+
+
+def symmetrised_byol_loss(predictions: jax.Array, target_projections: jax.Array) -> jax.Array:
+  """L + L~ of Eq. 3 / 8, mean over the batch.
+
+  predictions: q(g(f(.))) of the online network on [view0; view1], [2N,P];
+  target_projections: g(f(.)) of the target network on [view0; view1], [2N,P]
+  (gradients stopped here). view0's prediction is matched with view1's target
+  projection and vice versa.
+  """
+  n = predictions.shape[0] // 2
+  target = jax.lax.stop_gradient(target_projections)
+  swapped = jnp.concatenate([target[n:], target[:n]])
+  per_pair = normalized_mse(predictions, swapped)          # [2N]
+  return jnp.mean(per_pair[:n] + per_pair[n:])
+
+
+def boxes_to_mask(boxes: jax.Array, box_labels: jax.Array, height: int, width: int) -> jax.Array:
+  """Union of each image's real boxes as a {0,1} mask, [N,B,4], [N,B] -> [N,H,W] float32.
+
+  The pixel-centre rule of ``cxr_jax.data.annotations.boxes_to_mask``: pixel
+  (i, j) is inside if x0 W <= j + 0.5 < x1 W and y0 H <= i + 0.5 < y1 H.
+  """
+  boxes = boxes.astype(jnp.float32)
+  cols = jnp.arange(width, dtype=jnp.float32) + 0.5
+  rows = jnp.arange(height, dtype=jnp.float32) + 0.5
+  x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
+  in_cols = (cols >= x0 * width) & (cols < x1 * width)                       # [N,B,W]
+  in_rows = (rows >= y0 * height) & (rows < y1 * height) & (box_labels >= 0)[..., None]
+  hits = jnp.einsum("nbh,nbw->nhw", in_rows.astype(jnp.float32), in_cols.astype(jnp.float32))
+  return (hits > 0).astype(jnp.float32)
+
+
+def box_classes(box_labels: jax.Array, num_classes: int) -> jax.Array:
+  """Which classes have a box in each image: [N,B] (-1 = padding) -> [N,K] float32 {0,1}."""
+  one_hot = jax.nn.one_hot(box_labels, num_classes, dtype=jnp.float32)    # -1 -> all zeros
+  return jnp.max(one_hot, axis=1)
+
+
+def cam_loss(head_fn, features: jax.Array, boxes: jax.Array, box_labels: jax.Array,
+             weights: jax.Array, image_size: tuple[int, int], relu: bool = False) -> jax.Array:
+  """L_CAM of Eq. 6-7.
+
+  Args:
+    head_fn: features [N,h,w,D] -> class scores [N,K] (examples independent).
+    features: the encoder's last feature map A [N,h,w,D].
+    boxes: [N,B,4] normalized (x0, y0, x1, y1); box_labels: int [N,B], -1 = padding.
+    weights: [N], 1 for images that take part (annotated, valid), else 0.
+    image_size: (H, W) the maps are upsampled to (bilinear), the mask's size.
+    relu: rectify Grad-CAM (Eq. 2) before the sigmoid. With the ReLU,
+      sigmoid(GC) >= 0.5 everywhere, so background pixels can never reach a
+      low probability and get no gradient once rectified; the default signed
+      map lets the loss push the background down.
+  Returns:
+    mean over (image n, box class c) pairs of
+    mean_pixels[-y log sigmoid(GC^{n,c}) - (1 - y) log(1 - sigmoid(GC^{n,c}))];
+    0 when no image in the batch has a box.
+  """
+  maps = cam.grad_cam(head_fn, features, relu=relu)                          # [N,K,h,w]
+  maps = cam.upsample(maps, image_size)                                      # [N,K,H,W]
+  mask = boxes_to_mask(boxes, box_labels, *image_size)[:, None]              # [N,1,H,W]
+  per_pixel = jax.nn.softplus(maps) - mask * maps                            # BCE with logits
+  per_pair = jnp.mean(per_pixel, axis=(2, 3))                                # [N,K]
+  pairs = box_classes(box_labels, maps.shape[1]) * weights.astype(per_pair.dtype)[:, None]
+  return jnp.sum(per_pair * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
+
+
+def linear_head_fn(dense: dict):
+  """GAP + a Dense layer's params {'kernel' [D,K], 'bias' [K]} as features [N,h,w,D] -> [N,K]."""
+  return lambda f: jnp.mean(f.astype(jnp.float32), axis=(1, 2)) @ dense["kernel"] + dense["bias"]
+
+
+def cam_weights(batch: Batch) -> jax.Array:
+  """[N] 1 for rows whose boxes take part in the CAM loss: annotated (has_boxes), valid, boxed."""
+  w = jnp.any(batch["box_labels"] >= 0, axis=1).astype(jnp.float32)
+  w = w * batch.get("has_boxes", jnp.ones_like(w)).astype(jnp.float32)
+  return w * batch.get("valid", jnp.ones_like(w)).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- stage losses
+
+
+def pretrain_loss(b: ml_collections.ConfigDict, ctx: LossContext, params, batch: Batch,
+                  rng: jax.Array):
+  """Eq. 8 (+ the probe's BCE): BYOL on view0/view1, CAM loss and probe on 'image'."""
+  del rng
+  for key in ("view0", "view1"):
+    if key not in batch:
+      raise KeyError(f"byol pretraining needs batch[{key!r}] (Stage.data.views); has {sorted(batch)}")
+  views = jnp.concatenate([batch["view0"], batch["view1"]])
+  num_views = views.shape[0]
+  images = batch["image"]
+  outputs, batch_stats = ctx.apply(params, jnp.concatenate([views, images]), mode="byol",
+                                   view_rows=num_views)
+  target_params = jax.lax.stop_gradient(ctx.extras["target"])
+  target, _ = ctx.apply({**params, **target_params}, views, mode="target")
+  byol = symmetrised_byol_loss(outputs["prediction"], target["projection"])
+
+  features = outputs["features"][num_views:]
+  pooled = outputs["pooled"][num_views:]
+  probe = params["probe"]
+  probe_input = pooled if b.probe_into_encoder else jax.lax.stop_gradient(pooled)
+  probe_bce = losses.bce(probe_input @ probe["kernel"] + probe["bias"], batch["labels"],
+                         label_mask(batch))
+  loss = byol + probe_bce
+  metrics = {"byol": byol, "probe_bce": probe_bce}
+  if b.cam_weight > 0:
+    l_cam = cam_loss(linear_head_fn(probe), features, batch["boxes"], batch["box_labels"],
+                     cam_weights(batch), images.shape[1:3], relu=b.cam_relu)
+    loss = loss + b.cam_weight * l_cam
+    metrics["cam"] = l_cam
+  return loss, {"metrics": metrics, "batch_stats": batch_stats}
+
+
+def finetune_loss(cam_weight: float, cam_relu: bool, ctx: LossContext, params, batch: Batch,
+                  rng: jax.Array):
+  """Weighted BCE of the head (+ cam_weight * L_CAM of the head's Grad-CAM)."""
+  del rng
+  outputs, batch_stats = ctx.apply(params, batch["image"])
+  bce = losses.weighted_bce(outputs["logits"], batch["labels"], label_mask(batch))
+  loss, metrics = bce, {"bce": bce}
+  if cam_weight > 0:
+    l_cam = cam_loss(linear_head_fn(params["head"]), outputs["features"], batch["boxes"],
+                     batch["box_labels"], cam_weights(batch), batch["image"].shape[1:3],
+                     relu=cam_relu)
+    loss = loss + cam_weight * l_cam
+    metrics["cam"] = l_cam
+  return loss, {"metrics": metrics, "batch_stats": batch_stats}
+
+
+# --------------------------------------------------------------------------- target network (Eq. 5)
+
+
+def online_parts(params) -> dict:
+  """The online parameters the target network mirrors: backbone and projector."""
+  return {k: params[k] for k in TARGET_PARTS}
+
+
+def init_target(params, extras) -> dict:
+  """Stage start: target = a copy of the online backbone + projector, EMA step 0."""
+  del extras
+  return {"target": jax.tree.map(jnp.array, online_parts(params)),
+          "ema_step": jnp.zeros((), jnp.int32)}
+
+
+def tau_at(step: jax.Array, base_tau: float, schedule: str, total_steps: int) -> jax.Array:
+  """Target decay rate at EMA step k: ``base_tau`` ('constant') or BYOL's cosine schedule
+  tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, rising from tau_base to 1 over K steps."""
+  if schedule == "constant":
+    return jnp.asarray(base_tau, jnp.float32)
+  if schedule == "cosine":
+    progress = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+    return 1.0 - (1.0 - base_tau) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+  raise ValueError(f"unknown byol.tau_schedule {schedule!r}; known: {list(TAU_SCHEDULES)}")
+
+
+def ema_update(base_tau: float, schedule: str, total_steps: int, state):
+  """Eq. 5 after each optimizer step: delta <- tau delta + (1 - tau) theta."""
+  extras = state.extras
+  tau = tau_at(extras["ema_step"], base_tau, schedule, total_steps)
+  target = jax.tree.map(lambda d, t: tau * d + (1.0 - tau) * t, extras["target"],
+                        online_parts(state.params))
+  return state.replace(extras={"target": target, "ema_step": extras["ema_step"] + 1})
+
+
+def drop_extras(params, extras) -> dict:
+  """Fine-tuning keeps no target network."""
+  del params, extras
+  return {}
+
+
+# --------------------------------------------------------------------------- the method
+
+
+def pretrain_overrides(config: ml_collections.ConfigDict) -> dict:
+  """``DataSpec.overrides`` of the pretraining stage: the 'other dataset'.
+
+  byol.pretrain_dataset (+ pretrain_label_space, pretrain_manual_dir): pretrain
+  on another dataset than config.data (paper: NIH, then fine-tune on CheXpert);
+  '' keeps config.data's. byol.pretrain_synthetic_seed >= 0: phantoms of another
+  seed (for synthetic data, the stand-in for a second dataset).
+  """
+  b = config.byol
+  out = {}
+  if b.pretrain_dataset and b.pretrain_dataset != config.data.name:
+    out.update({"name": b.pretrain_dataset, "label_space": b.pretrain_label_space,
+                "manual_dir": b.pretrain_manual_dir})
+  if b.pretrain_synthetic_seed >= 0 and (out.get("name") or config.data.name) == "synthetic":
+    out["synthetic.seed"] = b.pretrain_synthetic_seed
+  return out
+
+
+
+class BYOLCAM:
+  """BYOL (+ CAM loss) pretraining, then supervised fine-tuning of encoder + new head."""
+  name = "byol_cam"
+
+  def model(self, config: ml_collections.ConfigDict) -> nn.Module:
+    b = config.byol
+    return BYOLNetwork(backbone=backbone_from_config(config.model),
+                       num_classes=len(schema.get_label_space(config.data.label_space)),
+                       probe_classes=len(schema.get_label_space(
+                           pretrain_overrides(config).get("label_space", config.data.label_space))),
+                       hidden_dim=b.hidden_dim, projection_dim=b.projection_dim)
+
+  def stages(self, config: ml_collections.ConfigDict) -> list[Stage]:
+    b, ft = config.byol, config.byol.finetune
+    if b.tau_schedule not in TAU_SCHEDULES:
+      raise ValueError(f"unknown config.byol.tau_schedule {b.tau_schedule!r}; "
+                       f"known: {list(TAU_SCHEDULES)}")
+    if not 0.0 <= b.tau <= 1.0:
+      raise ValueError(f"config.byol.tau must lie in [0, 1], got {b.tau}")
+    stages = []
+    if b.ssl:
+      stages.append(Stage(
+          name="pretrain", loss=functools.partial(pretrain_loss, b), steps=b.steps,
+          optimizer=b.optimizer, apply_kwargs={"mode": "byol"},
+          data=DataSpec(split="train", views=(b.online_view.to_dict(), b.target_view.to_dict()),
+                        overrides=pretrain_overrides(config)),
+          init_extras=init_target,
+          update_extras=functools.partial(ema_update, b.tau, b.tau_schedule, b.steps),
+          batch_size=b.batch_size))
+    optimizer = ml_collections.ConfigDict(ft.optimizer.to_dict())
+    if optimizer.get("schedule") == "plateau":
+      optimizer.plateau_min_scale = ft.min_learning_rate / optimizer.learning_rate
+    stages.append(Stage(
+        name="finetune", loss=functools.partial(finetune_loss, ft.cam_weight, b.cam_relu),
+        steps=ft.steps, optimizer=optimizer, data=DataSpec(split="train"),
+        eval_every=ft.eval_every, early_stopping=None, select_best=True,
+        init_extras=drop_extras if b.ssl else None, batch_size=ft.batch_size))
+    return stages
+
+  def predict(self, model: nn.Module, variables, batch: Batch) -> dict[str, jax.Array]:
+    return {"probs": jax.nn.sigmoid(model.apply(variables, batch["image"])["logits"])}
+
+  def cam_target(self, model: nn.Module, variables):
+    features_fn = lambda images: model.apply(variables, images)["features"]
+    return features_fn, linear_head_fn(variables["params"]["head"])
+
+  def after_training(self, config: ml_collections.ConfigDict, workdir: str, *, mesh,
+                     make_iterator=None, evaluate=None) -> None:
+    """CAM-kind comparison (IoU + panel) and the PR curve with iso-F1 lines."""
+    del evaluate
+    from cxr_jax.evaluation import byol_report  # pylint: disable=import-outside-toplevel
+    byol_report.run_report(self, config, workdir, mesh=mesh, make_iterator=make_iterator)
+

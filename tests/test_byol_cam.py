@@ -1,0 +1,298 @@
+"""Talasila 2023 (BYOL + CAM loss): Eq. 3, Eq. 5, Eq. 6-7 and its gradient, stages, report."""
+
+import cv2
+import flax.linen as nn
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from configs import byol_cam as byol_config
+from cxr_jax import cam
+from cxr_jax.data import annotations
+from cxr_jax.evaluation import byol_report
+from cxr_jax.methods import byol_cam, get_method
+from cxr_jax.methods.base import LossContext
+from cxr_jax.models.byol import BYOLNetwork
+from cxr_jax.train.state import TrainState
+
+
+def test_symmetrised_byol_loss_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  n, p = 3, 5
+  predictions, targets = rng.normal(size=(2 * n, p)), rng.normal(size=(2 * n, p))
+
+  def nmse(a, b):
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    return np.sum((a - b) ** 2)
+
+  # view0's prediction against view1's target projection and vice versa (Eq. 3, symmetrised).
+  expected = np.mean([nmse(predictions[i], targets[n + i]) + nmse(predictions[n + i], targets[i])
+                      for i in range(n)])
+  got = float(byol_cam.symmetrised_byol_loss(jnp.asarray(predictions, jnp.float32),
+                                             jnp.asarray(targets, jnp.float32)))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  cos = np.sum(predictions * targets, -1) / np.linalg.norm(predictions, axis=-1) / np.linalg.norm(
+      targets, axis=-1)
+  np.testing.assert_allclose(byol_cam.normalized_mse(predictions, targets), 2 - 2 * cos, rtol=1e-5)
+  # No gradient reaches the target projections.
+  grad = jax.grad(lambda t: byol_cam.symmetrised_byol_loss(jnp.asarray(predictions), t))(
+      jnp.asarray(targets))
+  assert not np.any(np.asarray(grad))
+
+
+def test_boxes_to_mask_matches_annotations():
+  rng = np.random.default_rng(1)
+  corners = np.sort(rng.uniform(0, 1, size=(4, 5, 2, 2)), axis=2)   # [N,B,(lo,hi),(x,y)]
+  boxes = np.concatenate([corners[:, :, 0], corners[:, :, 1]], axis=-1).astype(np.float32)
+  labels = rng.integers(-1, 8, size=(4, 5))
+  labels[0] = -1                                                    # an image without boxes
+  expected = annotations.boxes_to_mask(boxes, labels, 24, 20)
+  got = np.asarray(byol_cam.boxes_to_mask(jnp.asarray(boxes), jnp.asarray(labels), 24, 20))
+  np.testing.assert_array_equal(got, expected)
+  assert not got[0].any() and got[1:].any()
+
+
+def numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, size):
+  """Float64 loop: Grad-CAM of a GAP + linear head (alpha_dc = W_dc / (h w)), signed, upsampled
+  with OpenCV (bilinear, half-pixel centres), BCE against the union of the boxes (Eq. 6-7)."""
+  del bias  # the gradient of a linear head does not depend on it
+  n, h, w, _ = features.shape
+  mask = annotations.boxes_to_mask(boxes, box_labels, size, size)
+  total, pairs = 0.0, 0
+  for i in range(n):
+    if not weights[i]:
+      continue
+    for c in sorted(set(box_labels[i][box_labels[i] >= 0].tolist())):
+      gc = features[i] @ (kernel[:, c] / (h * w))
+      up = cv2.resize(gc.astype(np.float64), (size, size), interpolation=cv2.INTER_LINEAR)
+      sig = 1 / (1 + np.exp(-up))
+      total += np.mean(-mask[i] * np.log(sig) - (1 - mask[i]) * np.log(1 - sig))
+      pairs += 1
+  return total / max(pairs, 1)
+
+
+def test_cam_loss_matches_float64_reference():
+  rng = np.random.default_rng(2)
+  features = rng.normal(size=(3, 4, 4, 6))
+  kernel, bias = rng.normal(size=(6, 5)), rng.normal(size=5)
+  boxes = np.array([[[0.1, 0.2, 0.6, 0.7], [0.5, 0.5, 0.9, 0.9]],
+                    [[0.0, 0.0, 0.5, 0.5], [0, 0, 0, 0]],
+                    [[0.2, 0.2, 0.8, 0.8], [0, 0, 0, 0]]], np.float32)
+  box_labels = np.array([[1, 3], [2, -1], [4, -1]])
+  weights = np.array([1.0, 1.0, 0.0])          # the third image is not annotated
+  head = byol_cam.linear_head_fn({"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)})
+  with jax.enable_x64(True):
+    got = float(byol_cam.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes),
+                                  jnp.asarray(box_labels), jnp.asarray(weights), (16, 16)))
+  expected = numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, 16)
+  np.testing.assert_allclose(got, expected, rtol=1e-9)
+
+
+class TinyEncoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.tanh(nn.Conv(4, (3, 3), strides=(2, 2), param_dtype=jnp.float64)(x))
+    return jnp.tanh(nn.Conv(5, (3, 3), strides=(2, 2), param_dtype=jnp.float64)(x))
+
+
+def test_cam_loss_gradient_through_grad_cam_matches_finite_differences():
+  """d L_CAM / d encoder params, second order through Grad-CAM, against central differences
+  in float64 (step 1e-6: truncation O(h^2) ~ 1e-12, rounding ~ 1e-16 / 1e-6 = 1e-10)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.normal(size=(2, 16, 16, 1)))
+    encoder = TinyEncoder()
+    params = encoder.init(jax.random.key(0), images)
+    # A non-linear head: its Grad-CAM weights depend on the features (second-order terms).
+    w1, w2 = jnp.asarray(rng.normal(size=(5, 7))), jnp.asarray(rng.normal(size=(7, 3)))
+    head = lambda f: jnp.tanh(jnp.mean(f, axis=(1, 2)) @ w1) @ w2
+    boxes = jnp.asarray([[[0.1, 0.1, 0.6, 0.5]], [[0.3, 0.4, 0.9, 1.0]]])
+    box_labels = jnp.asarray([[0], [2]])
+    weights = jnp.ones(2)
+
+    def loss(p):
+      return byol_cam.cam_loss(head, encoder.apply(p, images), boxes, box_labels, weights, (16, 16))
+
+    loss = jax.jit(loss)
+    grads = jax.jit(jax.grad(loss))(params)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    grad_flat = jax.flatten_util.ravel_pytree(grads)[0]
+    picks = np.random.default_rng(4).choice(flat.size, size=12, replace=False)
+    h = 1e-6
+    for i in picks:
+      e = jnp.zeros_like(flat).at[i].set(h)
+      numeric = (loss(unravel(flat + e)) - loss(unravel(flat - e))) / (2 * h)
+      np.testing.assert_allclose(float(grad_flat[i]), float(numeric), rtol=1e-5, atol=1e-9)
+    assert np.abs(np.asarray(grad_flat)).max() > 1e-4
+
+
+def test_ema_update_constant_and_cosine_tau():
+  params = {"backbone": {"w": jnp.full((2,), 1.0)}, "projector": {"w": jnp.full((3,), 2.0)},
+            "probe": {"w": jnp.zeros(1)}}
+  extras = byol_cam.init_target(params, {})
+  assert set(extras["target"]) == {"backbone", "projector"}
+  moved = {**params, "backbone": {"w": jnp.full((2,), 3.0)}}
+  state = TrainState(step=jnp.int32(0), params=moved, batch_stats={}, opt_state=(),
+                     extras=extras, rng=np.zeros(2, np.uint32))
+  out = byol_cam.ema_update(0.99, "constant", 10, state)
+  np.testing.assert_allclose(out.extras["target"]["backbone"]["w"], 0.99 * 1 + 0.01 * 3)
+  np.testing.assert_allclose(out.extras["target"]["projector"]["w"], 2.0)
+  assert int(out.extras["ema_step"]) == 1
+  for k, expected in ((0, 0.99), (5, 1 - 0.01 * 0.5), (10, 1.0)):
+    np.testing.assert_allclose(byol_cam.tau_at(jnp.int32(k), 0.99, "cosine", 10), expected,
+                               rtol=1e-6)
+  with pytest.raises(ValueError, match="tau_schedule"):
+    byol_cam.tau_at(jnp.int32(0), 0.99, "linear", 10)
+
+
+def _context(model, variables, extras):
+  def apply(params, *args, **kwargs):
+    out, updated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, *args,
+                               train=True, mutable=["batch_stats"], **kwargs)
+    return out, updated["batch_stats"]
+  return LossContext(apply=apply, extras=extras, step=jnp.int32(0))
+
+
+class TinyBackbone(nn.Module):
+  """Two strided convs with BatchNorm: [N,32,32,1] -> [N,4,4,8] (a fast stand-in for a ResNet)."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3), strides=(4, 4))(x)))
+    return nn.relu(nn.Conv(8, (3, 3), strides=(2, 2))(x))
+
+
+def _tiny(arg=""):
+  c = byol_config.get_config("runlocal" + arg)
+  with c.unlocked():
+    c.data.image_size = 32
+  return c
+
+
+def test_pretrain_loss_label_path_follows_probe_variant():
+  """With probe_into_encoder False and no CAM loss the labels cannot reach the encoder;
+  with either turned on they do."""
+  rng = np.random.default_rng(5)
+  n = 4
+  batch = {k: jnp.asarray(rng.normal(size=(n, 32, 32, 1)), jnp.float32)
+           for k in ("image", "view0", "view1")}
+  batch.update(labels=jnp.asarray(rng.integers(0, 2, size=(n, 14)), jnp.float32),
+               label_mask=jnp.ones((n, 14)), has_boxes=jnp.ones(n), valid=jnp.ones(n),
+               boxes=jnp.tile(jnp.asarray([[0.1, 0.1, 0.5, 0.6]]), (n, 1, 1)),
+               box_labels=jnp.asarray([[0], [1], [2], [3]]))
+  flipped = {**batch, "labels": 1.0 - batch["labels"]}
+
+  both = jax.tree.map(lambda a, b: jnp.stack([a, b]), batch, flipped)
+
+  def backbone_grads(cam_weight, into_encoder):
+    """Backbone gradients on ``batch`` and on ``flipped`` (one jit, vmapped over the two)."""
+    c = _tiny(f",cam={cam_weight}")
+    with c.unlocked():
+      c.byol.probe_into_encoder = into_encoder
+    model = BYOLNetwork(backbone=TinyBackbone(), num_classes=14, hidden_dim=16, projection_dim=8)
+    variables = model.init(jax.random.key(0), batch["image"], mode="byol")
+    ctx = _context(model, variables, byol_cam.init_target(variables["params"], {}))
+    grad = lambda data: jax.flatten_util.ravel_pytree(jax.grad(
+        lambda p: byol_cam.pretrain_loss(c.byol, ctx, p, data, jax.random.key(1))[0])(
+            variables["params"])["backbone"])[0]
+    return np.asarray(jax.jit(jax.vmap(grad))(both))
+
+  plain, supervised, with_cam = backbone_grads(0.0, False), backbone_grads(0.0, True), backbone_grads(2.0, False)
+  np.testing.assert_allclose(plain[0], plain[1], rtol=1e-5, atol=1e-7)
+  assert not np.allclose(supervised[0], supervised[1], rtol=1e-3, atol=1e-5)
+  # The CAM term reaches the encoder: the gradient differs from the BYOL-only one.
+  assert not np.allclose(with_cam[0], plain[0], rtol=1e-3, atol=1e-5)
+
+
+def test_stages_and_sweep():
+  method = get_method("byol_cam")
+  c = byol_config.get_config("runlocal")
+  pretrain, finetune = method.stages(c)
+  assert (pretrain.name, finetune.name) == ("pretrain", "finetune")
+  assert len(pretrain.data.views) == 2
+  assert pretrain.data.views[1]["blur"] > pretrain.data.views[0]["blur"]
+  assert pretrain.data.overrides == {"synthetic.seed": 1}
+  assert pretrain.apply_kwargs == {"mode": "byol"} and pretrain.update_extras is not None
+  assert finetune.select_best and finetune.eval_every > 0
+  opt = finetune.optimizer
+  assert opt.schedule == "plateau" and opt.decay_rate == 0.1 and opt.plateau_patience == 4
+  np.testing.assert_allclose(opt.learning_rate * opt.plateau_min_scale, 1e-6)
+
+  no_ssl = byol_config.get_config("runlocal")
+  with no_ssl.unlocked():
+    no_ssl.byol.ssl = False
+  assert [s.name for s in method.stages(no_ssl)] == ["finetune"]
+
+  rows = byol_config.get_sweep("")
+  assert [(r["byol.ssl"], r["byol.cam_weight"]) for r in rows] == [(False, 0.0), (True, 0.0),
+                                                                   (True, 2.0)]
+  assert rows[0]["model.backbone"] == "resnet50"
+  xrv = byol_config.get_sweep("xrv=/w/xrv.npz")[3:]
+  assert [r["byol.finetune.cam_weight"] for r in xrv] == [0.0, 2.0]
+  assert all(r["model.init_from"] == "/w/xrv.npz" and r["model.backbone"] == "densenet121"
+             for r in xrv)
+  # Pretraining on another real dataset: its name and label space replace config.data's.
+  other = byol_config.get_config("dataset=chexpert,pretrain=nih")
+  assert byol_cam.pretrain_overrides(other) == {"name": "nih", "label_space": "nih14",
+                                                "manual_dir": ""}
+
+
+class IdentityCam:
+  """features = the image itself, head = GAP x w (w > 0): every CAM kind shows the image."""
+
+  def cam_target(self, model, variables):
+    del model
+    w = variables["w"]
+    return (lambda x: x), (lambda f: jnp.mean(f, axis=(1, 2)) @ w)
+
+
+def test_compare_cams_recovers_drawn_boxes(tmp_path):
+  images = np.zeros((2, 32, 32, 1), np.float32)
+  images[0, 4:12, 8:20] = 1.0
+  images[1, 16:30, 2:10] = 1.0
+  boxes = np.array([[[8 / 32, 4 / 32, 20 / 32, 12 / 32]], [[2 / 32, 16 / 32, 10 / 32, 30 / 32]]],
+                   np.float32)
+  box_labels = np.array([[1], [0]])
+  compared = byol_report.compare_cams(IdentityCam(), None, {"w": jnp.ones((1, 2))}, images, boxes,
+                                      box_labels, score_batch_size=4)
+  for kind in cam.KINDS:
+    assert compared[kind]["mean_iou"] > 0.99, kind
+    np.testing.assert_allclose(compared[kind]["pred_boxes"][0], boxes[0], atol=1e-6)
+  # An off-box image lowers the IoU: the metric is not constant.
+  shifted = byol_report.compare_cams(IdentityCam(), None, {"w": jnp.ones((1, 2))},
+                                     np.roll(images, 6, axis=2), boxes, box_labels,
+                                     kinds=("gradcam",))
+  assert shifted["gradcam"]["mean_iou"] < 0.7
+  path = byol_report.write_cam_panel(images, boxes, box_labels, compared,
+                                     str(tmp_path / "panel.png"))
+  assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_micro_pr_average_precision_and_plot(tmp_path):
+  rng = np.random.default_rng(6)
+  labels = rng.integers(0, 2, size=(40, 3)).astype(np.float32)
+  probs = np.clip(labels * 0.3 + rng.uniform(size=(40, 3)), 0, 1)
+  mask = np.ones_like(labels)
+  mask[:5, 0] = 0
+  _, _, ap = byol_report.micro_pr(probs, labels, mask)
+  # AP = sum over the ranked positives of the precision at each of them / #positives (no ties).
+  keep = mask > 0
+  y, p = labels[keep], probs[keep]
+  order = np.argsort(-p)
+  hits = y[order]
+  precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+  np.testing.assert_allclose(ap, np.sum(precision_at * hits) / hits.sum(), rtol=1e-9)
+  np.testing.assert_allclose(ap, skm.average_precision_score(y, p), rtol=1e-9)
+  # Runs' saved predictions drawn on one panel (Fig. 5); a missing run names its file.
+  for name, p_run in (("a", probs), ("b", 1 - probs)):
+    byol_report.write_predictions(str(tmp_path / name / "eval" / "predictions_test.npz"),
+                                  {"probs": p_run, "labels": labels, "label_mask": mask,
+                                   "index": np.arange(40)})
+  out = byol_report.compare_runs({"a": str(tmp_path / "a"), "b": str(tmp_path / "b")},
+                                 str(tmp_path / "pr.png"))
+  assert open(out, "rb").read(4) == b"\x89PNG"
+  with pytest.raises(FileNotFoundError, match="predictions_test.npz"):
+    byol_report.compare_runs({"c": str(tmp_path / "c")}, str(tmp_path / "pr2.png"))
