@@ -1,0 +1,464 @@
+"""The JAX figures of ``cxr-bench``; each is ``fn(spec, config_root) -> dict`` run in its own process.
+
+spec keys shared by the figures (``suites.Figure`` fills defaults):
+  config      'baseline' | 'msml' | 'vkd' | ... (configs/<config>.py at ``config_root``)
+  arg         the config arg, e.g. 'backbone=resnet18,size=64,width=0.25'
+  overrides   {'model.dtype': 'bfloat16', ...} dotted config fields
+  batch       global batch size
+  warmup, repeats, steps   timing (``timing.time_steps``)
+
+Train-step figures time the product's step: ``trainer.make_train_step`` of the
+method's stage, wrapped in ``trainer.accumulate`` and jitted with donated state
+exactly as ``trainer._Run.run_stage`` does, on two real batches from the
+method's own input pipeline (alternated, so the data varies), compute only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxr_jax.bench import machine, memory, timing
+
+MB = memory.MB
+
+
+def load_config(config_root: str, name: str, arg: str = "", overrides: dict | None = None):
+  """configs/<name>.py:get_config(arg) from ``config_root`` with dotted ``overrides`` applied."""
+  if config_root not in sys.path:
+    sys.path.insert(0, config_root)
+  module = importlib.import_module(f"configs.{name}")
+  config = module.get_config(arg or None)
+  with config.unlocked():
+    for key, value in (overrides or {}).items():
+      *parents, leaf = key.split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      if leaf not in node:
+        raise KeyError(f"bench override {key!r}: configs/{name}.py has no such field")
+      node[leaf] = value
+  return config
+
+
+def _stage(stages, name: str | None):
+  if not name:
+    return stages[0]
+  for s in stages:
+    if s.name == name:
+      return s
+  raise KeyError(f"no stage {name!r}; stages: {[s.name for s in stages]}")
+
+
+def _cost(compiled) -> dict:
+  """XLA's FLOPs and memory of a compiled step (per device); {} where the backend gives none."""
+  out = {}
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost and cost.get("flops"):
+      out["flops"] = float(cost["flops"])
+  except Exception:  # pylint: disable=broad-except  (backends without cost analysis)
+    pass
+  try:
+    mem = compiled.memory_analysis()
+    out["temp_mb"] = mem.temp_size_in_bytes / MB
+    out["argument_mb"] = mem.argument_size_in_bytes / MB
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+def build_train_step(spec: dict, config_root: str):
+  """(jitted step, make_state, make_acc, batches, stage, config, batch size) of a train-step spec.
+
+  spec: config/arg/overrides, 'stage' (name; default the first), 'batch',
+  optional 'trainable' (regexes) and 'apply_kwargs' replacing the stage's
+  (a frozen variant of a stage), 'devices' (use the first N devices).
+  """
+  from cxr_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import optim, parallel, trainer  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
+
+  config = load_config(config_root, spec["config"], spec.get("arg", ""), spec.get("overrides"))
+  method = get_method(config.method)
+  model = method.model(config)
+  stage = _stage(list(method.stages(config)), spec.get("stage"))
+  if "trainable" in spec:
+    stage = dataclasses.replace(stage, trainable=tuple(spec["trainable"]),
+                                apply_kwargs=dict(spec.get("apply_kwargs", {})))
+  batch_size = spec.get("batch") or stage.batch_size or config.batch_size
+  devices = jax.devices()[:spec.get("devices") or jax.device_count()]
+  mesh = parallel.make_mesh(devices)
+  params, batch_stats = trainer.init_variables(model, stage, config, jax.random.key(0))
+  extras = stage.init_extras(params, {}) if stage.init_extras is not None else {}
+  labels = optim.param_labels(params, stage.trainable, stage=stage.name)
+  bs_labels = optim.batch_stats_labels(batch_stats, labels, stage.trainable)
+  tx = optim.make_optimizer(stage.optimizer, params, stage.trainable, stage.steps, stage=stage.name)
+  fsdp = config.get("fsdp", False)
+  rng = np.asarray(jax.random.key_data(jax.random.key(1)))
+
+  def make_state():
+    state = TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
+                       opt_state=tx.init(params), extras=extras, rng=rng)
+    state = jax.tree.map(jnp.copy, state)  # fresh buffers: each copy may be donated
+    return jax.device_put(state, parallel.tree_shardings(state, mesh, fsdp))
+
+  views = getattr(stage.data, "views", ())
+  iterator = pipeline.make_iterator(
+      config.data, stage.data.split, batch_size=batch_size, sharding=parallel.data_sharding(mesh),
+      seed=0, shuffle=True, num_epochs=None, drop_remainder=True, maps=stage.data.maps,
+      augment=stage.data.augment, **({"views": views} if views else {}))
+  try:
+    batches = [next(iterator), next(iterator)]
+  finally:
+    iterator.close()
+
+  step_fn = trainer.make_train_step(model, stage, tx, labels, bs_labels)
+  state_shape = jax.eval_shape(make_state)
+  state_sh = parallel.tree_shardings(state_shape, mesh, fsdp)
+  zeros = trainer.zero_accumulator(jax.eval_shape(step_fn, state_shape, batches[0])[1])
+  train_step = jax.jit(trainer.accumulate(step_fn), donate_argnums=(0, 1),
+                       in_shardings=(state_sh, parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                       out_shardings=(state_sh, parallel.replicated(mesh)))
+  make_acc = lambda: jax.device_put(zeros, parallel.replicated(mesh))
+  return train_step, make_state, make_acc, batches, stage, config, batch_size
+
+
+def train_step(spec: dict, config_root: str) -> dict:
+  """Train-step images/s of a method's stage; with ``variants`` (a list of XLA compiler-option
+  dicts, e.g. [{}, {'xla_cpu_experimental_ynn_fusion_type': ''}]) each variant is compiled and
+  their timing rounds interleaved in this one process, so load on the machine hits all alike.
+
+  Returns {'img_per_s', 'step_ms', 'flops', 'mfu', 'compile_s', 'stage', 'batch', ...};
+  with variants, also 'variants': [{'options', 'img_per_s', 'step_ms'}] (the first is the figure).
+  """
+  step, make_state, make_acc, batches, stage, config, batch_size = build_train_step(spec, config_root)
+  variants = spec.get("variants") or [{}]
+  runs = []
+  for options in variants:
+    start = time.perf_counter()
+    state, acc = make_state(), make_acc()
+    compiled = step.lower(state, acc, batches[0]).compile(compiler_options=options or None)
+    runs.append({"options": options, "compiled": compiled, "state": state, "acc": acc,
+                 "compile_s": time.perf_counter() - start, "rounds": []})
+  for run in runs:
+    def one(i, run=run):
+      run["state"], run["acc"] = run["compiled"](run["state"], run["acc"], batches[i % 2])
+      return run["acc"]
+    run["one"] = one
+    timing.time_steps(one, jax.block_until_ready, warmup=spec.get("warmup", 2), repeats=1, steps=1)
+  for _ in range(spec.get("repeats", 3)):
+    for run in runs:
+      t = timing.time_steps(run["one"], jax.block_until_ready, warmup=0, repeats=1,
+                            steps=spec.get("steps", 5))
+      run["rounds"].append(t["step_s"])
+  device = jax.devices()[0]
+  dtype = config.model.dtype
+  peak = machine.peak_flops(device.device_kind, dtype)
+  out_variants = []
+  for run in runs:
+    step_s = float(np.median(run["rounds"]))
+    cost = _cost(run["compiled"])
+    entry = {"options": run["options"], "img_per_s": batch_size / step_s, "step_ms": 1e3 * step_s,
+             "round_ms": [1e3 * r for r in run["rounds"]], "compile_s": run["compile_s"], **cost}
+    if peak and "flops" in cost:
+      entry["mfu"] = cost["flops"] / step_s / peak
+    out_variants.append(entry)
+  first = dict(out_variants[0])
+  first.pop("options")
+  out = {**first, "stage": stage.name, "batch": batch_size, "dtype": dtype,
+         "devices": len(jax.devices()[:spec.get("devices") or jax.device_count()]),
+         "image_size": config.data.image_size}
+  if len(runs) > 1:
+    out["variants"] = out_variants
+  return out
+
+
+# --------------------------------------------------------------------------- Grad-CAM eval
+
+
+def torch_model(backbone: str, num_classes: int, channels: int, seed: int = 0):
+  """The torchvision ``backbone`` with ``channels`` input channels and a GAP + Linear(K) head,
+  seeded: the same weights in every process. None without torch."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchvision  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  torch.manual_seed(seed)
+  model = getattr(torchvision.models, backbone)(num_classes=num_classes)
+  first = {"resnet": ("conv1",), "densenet": ("features", "conv0"), "vgg": ("features", "0")}
+  family = next(f for f in first if backbone.startswith(f))
+  parent = model
+  for name in first[family][:-1]:
+    parent = getattr(parent, name)
+  old = getattr(parent, first[family][-1])
+  setattr(parent, first[family][-1], torch.nn.Conv2d(
+      channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None))
+  if family == "vgg":  # GAP + Linear, like our backbone + head (torchvision: 7x7 pool + 3 FC)
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    model.classifier = torch.nn.Linear(512, num_classes)
+  return model.eval()
+
+
+def gradcam(spec: dict, config_root: str) -> dict:
+  """Jitted all-class Grad-CAM (``cam.class_heatmaps('gradcam', ..., image_size=True)``, the maps
+  pytorch-grad-cam returns: upsampled, min-max normalized) of the baseline, maps fetched to the
+  host; images/s. Weights: the seeded torchvision model converted (``pretrained``), as the
+  PyTorch figure uses, or a random init without torch."""
+  from cxr_jax import cam  # pylint: disable=import-outside-toplevel
+  from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
+  from cxr_jax.models import pretrained  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
+
+  config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
+                       spec.get("overrides"))
+  method = get_method(config.method)
+  model = method.model(config)
+  stage = method.stages(config)[0]
+  params, batch_stats = trainer.init_variables(model, stage, config, jax.random.key(0))
+  k, channels = params["head"]["bias"].shape[0], config.data.channels
+  reference = torch_model(config.model.backbone, k, channels)
+  weights = "random init (no torch)"
+  if reference is not None:
+    converted = pretrained.convert_torchvision(config.model.backbone, reference.state_dict(),
+                                               in_channels=channels, head=True)
+    params = {**params, "backbone": converted["params"], "head": converted["head"]}
+    batch_stats = {**batch_stats, "backbone": converted["batch_stats"]}
+    weights = "seeded torchvision weights, converted"
+  variables = {"params": params, "batch_stats": batch_stats}
+  batch, size = spec["batch"], config.data.image_size
+
+  @jax.jit
+  def heatmaps(variables, images):
+    features_fn, head_fn = method.cam_target(model, variables)
+    return cam.class_heatmaps("gradcam", features_fn, head_fn, images, image_size=True)
+
+  images = [jnp.asarray(np.random.default_rng(i).standard_normal((batch, size, size, channels)),
+                        jnp.float32) for i in range(2)]
+  start = time.perf_counter()
+  jax.block_until_ready(heatmaps(variables, images[0]))
+  compile_s = time.perf_counter() - start
+  t = timing.time_steps(lambda i: np.asarray(heatmaps(variables, images[i % 2])), lambda _: None,
+                        warmup=spec.get("warmup", 1), repeats=spec.get("repeats", 3),
+                        steps=spec.get("steps", 2))
+  return {"img_per_s": batch / t["step_s"], "step_ms": 1e3 * t["step_s"], "compile_s": compile_s,
+          "batch": batch, "classes": k, "image_size": size, "weights": weights}
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def _data_config(spec: dict, config_root: str):
+  """The config of a pipeline spec with ``workers`` Grain workers (prepared shards: an arg
+  'dataset=nih,...' and the override 'data.data_dir')."""
+  config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
+                       spec.get("overrides"))
+  with config.unlocked():
+    config.data.worker_count = spec.get("workers", 0)
+  return config
+
+
+def pipeline(spec: dict, config_root: str) -> dict:
+  """Images/s the training iterator delivers (augmented, on the devices), ``workers`` Grain
+  worker processes; from synthetic phantoms or ``data_dir`` shards."""
+  from cxr_jax.data import pipeline as pipe  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
+  config = _data_config(spec, config_root)
+  mesh = parallel.make_mesh()
+  batch = spec["batch"]
+  iterator = pipe.make_iterator(config.data, "train", batch_size=batch,
+                                sharding=parallel.data_sharding(mesh), seed=0, shuffle=True,
+                                num_epochs=None, drop_remainder=True)
+  try:
+    t = timing.time_steps(lambda i: next(iterator)["image"], jax.block_until_ready,
+                          warmup=spec.get("warmup", 2), repeats=spec.get("repeats", 3),
+                          steps=spec.get("steps", 5))
+  finally:
+    iterator.close()
+  return {"img_per_s": batch / t["step_s"], "step_ms": 1e3 * t["step_s"], "batch": batch,
+          "workers": spec.get("workers", 0), "image_size": config.data.image_size,
+          "source": config.data.get("data_dir") or "synthetic phantoms"}
+
+
+def input_idle(spec: dict, config_root: str) -> dict:
+  """Whether the train step waits on input: the step's compute-only time on fixed batches
+  (``t_c``) vs the same step fed by the iterator (``t_f`` per step).
+
+  idle_fraction = max(0, 1 - t_c / t_f): the share of the fed loop's wall time the device
+  would have been idle. next_wait_fraction: the share spent inside ``next(iterator)``.
+  """
+  from cxr_jax.data import pipeline as pipe  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
+  step, make_state, make_acc, batches, _, config, batch_size = build_train_step(spec, config_root)
+  state, acc = make_state(), make_acc()
+  compiled = step.lower(state, acc, batches[0]).compile()
+  holder = {"state": state, "acc": acc}
+
+  def fixed(i):
+    holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"], batches[i % 2])
+    return holder["acc"]
+
+  compute = timing.time_steps(fixed, jax.block_until_ready, warmup=spec.get("warmup", 2),
+                              repeats=spec.get("repeats", 3), steps=spec.get("steps", 5))
+  config = _data_config(spec, config_root)
+  mesh = parallel.make_mesh(jax.devices()[:spec.get("devices") or jax.device_count()])
+  iterator = pipe.make_iterator(config.data, "train", batch_size=batch_size,
+                                sharding=parallel.data_sharding(mesh), seed=1, shuffle=True,
+                                num_epochs=None, drop_remainder=True)
+  waited = [0.0]
+
+  def fed(i):
+    del i
+    start = time.perf_counter()
+    batch = next(iterator)
+    waited[0] += time.perf_counter() - start
+    holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"],
+                                              {k: batch[k] for k in batches[0]})
+    return holder["acc"]
+
+  try:
+    for _ in range(spec.get("warmup", 2)):
+      fed(0)
+    jax.block_until_ready(holder["acc"])
+    waited[0] = 0.0
+    n = spec.get("repeats", 3) * spec.get("steps", 5)
+    start = time.perf_counter()
+    for _ in range(n):
+      fed(0)
+    jax.block_until_ready(holder["acc"])
+    total = time.perf_counter() - start
+  finally:
+    iterator.close()
+  fed_s = total / n
+  return {"img_per_s": batch_size / fed_s, "step_ms": 1e3 * fed_s,
+          "compute_step_ms": 1e3 * compute["step_s"],
+          "idle_fraction": max(0.0, 1.0 - compute["step_s"] / fed_s),
+          "next_wait_fraction": waited[0] / total, "batch": batch_size,
+          "workers": spec.get("workers", 0), "image_size": config.data.image_size}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def eval_memory(spec: dict, config_root: str) -> dict:
+  """``evaluator.evaluate`` with Grad-CAM localization on ``num`` synthetic test phantoms
+  (thresholds from ``num_val`` val phantoms); peak RSS is what this figure is for."""
+  from cxr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import parallel, trainer  # pylint: disable=import-outside-toplevel
+  config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
+                       spec.get("overrides"))
+  with config.unlocked():
+    config.data.synthetic.num_test = spec["num"]
+    config.data.synthetic.num_val = spec.get("num_val", 64)
+    config.eval_batch_size = spec.get("batch", 64)
+    config.cam = "gradcam"
+  method = get_method(config.method)
+  model = method.model(config)
+  params, batch_stats = trainer.init_variables(model, method.stages(config)[0], config,
+                                               jax.random.key(0))
+  start = time.perf_counter()
+  payload = evaluator.evaluate(method, model, {"params": params, "batch_stats": batch_stats},
+                               config, "test", None, stage="bench", mesh=parallel.make_mesh())
+  seconds = time.perf_counter() - start
+  return {"img_per_s": payload["num_examples"] / seconds, "seconds": seconds,
+          "num_examples": payload["num_examples"], "image_size": config.data.image_size,
+          "boxes_scored": sum(payload["localization"].get("count", {}).values())}
+
+
+def bilinear_memory(spec: dict, config_root: str) -> dict:
+  """Memory of the MSML bilinear head's forward + backward (the streams' maps in, the FCE loss
+  out) at ``backbone``'s feature size for ``size`` px, ``reduce_dim`` channels (0 = none).
+
+  XLA's buffer assignment of the compiled head (temp = the largest live set; the same
+  program on any device) and, on CPU, the process RSS increase over running it.
+  """
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from cxr_jax import losses  # pylint: disable=import-outside-toplevel
+  from cxr_jax.models import bilinear  # pylint: disable=import-outside-toplevel
+  from cxr_jax.models.backbones import get_backbone  # pylint: disable=import-outside-toplevel
+  size, batch, reduce_dim = spec["size"], spec["batch"], spec.get("reduce_dim", 0)
+  backbone = get_backbone(spec.get("backbone", "densenet121"))
+  feature = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x)[0],
+                           jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+  _, h, w, d = feature.shape
+
+  class Head(nn.Module):
+    @nn.compact
+    def __call__(self, f1, f2):
+      if reduce_dim:
+        f1 = nn.Conv(reduce_dim, (1, 1), name="reduce1")(f1)
+        f2 = nn.Conv(reduce_dim, (1, 1), name="reduce2")(f2)
+      return nn.Dense(14, name="fce_head")(bilinear.bilinear_features(f1, f2))
+
+  head = Head()
+  f = jnp.ones((batch, h, w, d), jnp.float32)
+  params = head.init(jax.random.key(0), f[:1], f[:1])
+  labels = jnp.zeros((batch, 14), jnp.float32)
+
+  @jax.jit
+  def step(params, f1, f2):
+    loss = lambda p, a, b: losses.bce(head.apply(p, a, b), labels, jnp.ones_like(labels))
+    return jax.grad(loss, argnums=(0, 1, 2))(params, f1, f2)
+
+  compiled = step.lower(params, f, f).compile()
+  cost = _cost(compiled)
+  before = memory.host_peak()["maxrss_self_mb"]
+  jax.block_until_ready(compiled(params, f, f))
+  after = memory.host_peak()["maxrss_self_mb"]
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  naive_mb = batch * h * w * (reduce_dim or d) ** 2 * 4 / MB
+  return {"feature_map": [h, w, d], "reduce_dim": reduce_dim, "batch": batch, "head_params": num_params,
+          "naive_outer_product_mb": naive_mb, "rss_increase_mb": after - before, **cost}
+
+
+def quickstart(spec: dict, config_root: str) -> dict:
+  """The README quickstart (``cxr-train --config=configs/quickstart.py``) in this process, in a
+  temporary workdir; the figure is its wall clock and peak memory (all its processes)."""
+  from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  config = load_config(config_root, spec.get("config", "quickstart"), spec.get("arg", ""),
+                       spec.get("overrides"))
+  with tempfile.TemporaryDirectory() as workdir:
+    start = time.perf_counter()
+    trainer.train_and_evaluate(config, os.path.join(workdir, "run"))
+    seconds = time.perf_counter() - start
+  return {"seconds": seconds, "train_steps": config.train_steps, "batch": config.batch_size,
+          "image_size": config.data.image_size}
+
+
+FIGURES = {
+    "train_step": train_step,
+    "gradcam": gradcam,
+    "pipeline": pipeline,
+    "input_idle": input_idle,
+    "eval_memory": eval_memory,
+    "bilinear_memory": bilinear_memory,
+    "quickstart": quickstart,
+}
+
+
+def run(spec: dict, config_root: str) -> dict:
+  """The figure ``spec['kind']`` (JAX figures here, 'torch_*' in ``torch_ref``) + memory peaks."""
+  kind = spec["kind"]
+  if kind.startswith("torch_"):
+    from cxr_jax.bench import torch_ref  # pylint: disable=import-outside-toplevel
+    fn = torch_ref.FIGURES[kind]
+  else:
+    fn = FIGURES[kind]
+  result = fn(spec, config_root)
+  result.update(memory.host_peak())
+  if not kind.startswith("torch_"):
+    result.update(memory.device_peak())
+  return result
+

@@ -1,0 +1,103 @@
+"""cxr-bench: the harness pieces and a tiny suite end to end (no speed is asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cxr_jax.bench import machine, memory, suites, timing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_time_steps_counts_calls_and_takes_the_median():
+  calls, syncs = [], []
+  durations = iter([0.0, 0.03, 0.01, 0.02])  # warm-up, then one sleep per round (steps=1)
+
+  def step(i):
+    calls.append(i)
+    time.sleep(next(durations))
+    return i
+
+  out = timing.time_steps(step, syncs.append, warmup=1, repeats=3, steps=1)
+  assert calls == [0, 1, 2, 3]
+  assert syncs == [0, 1, 2, 3]  # after the warm-up and after every round
+  assert len(out["round_step_s"]) == 3
+  assert sorted(out["round_step_s"])[1] == out["step_s"]
+  assert 0.015 < out["step_s"] < 0.03 + 0.05
+
+
+def test_tree_sampler_sees_a_child_processes_memory():
+  """A child allocating 200 MB (touched pages) raises the sampled tree peak by about that much."""
+  code = "import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * (len(b) // 4096); time.sleep(1.5)"
+  proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                           f"subprocess.run([sys.executable, '-c', {code!r}])"])
+  sampler = memory.TreeSampler(proc.pid, interval=0.05).start()
+  proc.wait()
+  peak = sampler.stop()
+  assert peak is not None and 200 < peak < 400, peak
+
+
+def test_peak_flops_and_scale_down():
+  assert machine.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert machine.peak_flops("NVIDIA H100 PCIe", "float32") == 378e12
+  assert machine.peak_flops("cpu", "float32") is None
+  for spec in suites.gpu() + suites.memory_suite() + suites.cpu_small():
+    small = suites.scale_down(spec)
+    assert "size=224" not in small.get("arg", "") and small.get("size", 32) == 32
+    assert small.get("batch", 8) <= 8
+  names = [s["name"] for s in suites.cpu_small() + suites.gpu() + suites.memory_suite()]
+  for suite in (suites.cpu_small(), suites.gpu(), suites.memory_suite()):
+    targets = {s["ratio_to"][0] for s in suite if s.get("ratio_to")}
+    assert targets <= {s["name"] for s in suite}, "a ratio refers to a figure of another suite"
+  assert names
+
+
+def test_markdown_ratios():
+  run = {"suite": "t", "date": "d", "command": "c", "machine": machine.describe(devices=False),
+         "figures": [
+             {"spec": {"name": "a", "ratio_to": ("b", "img_per_s")}, "img_per_s": 30.0, "step_ms": 10.0},
+             {"spec": {"name": "b"}, "img_per_s": 20.0, "step_ms": 15.0},
+             {"spec": {"name": "c", "ratio_to": ("b", "step_time")}, "img_per_s": 1.0, "step_ms": 6.0},
+             {"spec": {"name": "d"}, "error": "Traceback\nValueError: boom"}]}
+  table = suites.markdown(run)
+  assert "1.50x img/s of b" in table
+  assert "0.40x step time of b" in table
+  assert "ERROR: ValueError: boom" in table
+
+
+def test_tiny_suite_end_to_end(tmp_path):
+  """One train-step figure and one pipeline figure, each in its own process: a JSON with every
+  figure's numbers and memory, and a markdown table appended to the results file."""
+  results = tmp_path / "RESULTS.md"
+  results.write_text("# Results\n")
+  specs = [suites.scale_down(s) for s in suites.cpu_small()
+           if s["name"] in ("baseline/tiny-f32", "pipeline/synthetic/64/w0")]
+  assert len(specs) == 2
+  run = suites.run_suite(specs, suite="test", results=str(results), json_dir=str(tmp_path / "runs"),
+                         config_root=REPO, timeout=600, command="pytest", tiny=True,
+                         log=lambda *_: None)
+  with open(run["json"]) as f:
+    saved = json.load(f)
+  assert [f["spec"]["name"] for f in saved["figures"]] == [s["name"] for s in specs]
+  for fig in saved["figures"]:
+    assert "error" not in fig, fig.get("error")
+    assert fig["img_per_s"] > 0 and fig["step_ms"] > 0
+    assert fig["rss_tree_peak_mb"] > 50 and fig["maxrss_self_mb"] > 50
+    assert fig["machine"]["device"].startswith("cpu")
+  train = saved["figures"][0]
+  assert train["batch"] == 8 and train["image_size"] == 32 and train["flops"] > 0
+  text = results.read_text()
+  assert text.startswith("# Results\n")
+  rows = [line for line in text.splitlines() if line.startswith("| baseline/tiny-f32 ")
+          or line.startswith("| pipeline/synthetic/64/w0 ")]
+  assert len(rows) == 2 and all(row.count("|") == 10 for row in rows)
+
+
+@pytest.mark.parametrize("name", ["cpu-small", "gpu", "memory"])
+def test_suite_names_are_unique(name):
+  specs = suites.SUITES[name]()
+  assert len({s["name"] for s in specs}) == len(specs)
