@@ -39,52 +39,18 @@ import subprocess
 import sys
 import time
 
-BUDGET_MB = 2048.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from cxr_jax.bench import memory  # noqa: E402  pylint: disable=wrong-import-position
 
-
-def _children_map() -> dict[int, list[int]]:
-  """{pid: child pids} of every live process (from /proc/<pid>/stat)."""
-  children: dict[int, list[int]] = {}
-  for name in os.listdir("/proc"):
-    if not name.isdigit():
-      continue
-    try:
-      with open(f"/proc/{name}/stat") as f:
-        stat = f.read()
-    except OSError:
-      continue
-    ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-    children.setdefault(ppid, []).append(int(name))
-  return children
-
-
-def _tree(root: int) -> list[int]:
-  children, out, todo = _children_map(), [], [root]
-  while todo:
-    pid = todo.pop()
-    out.append(pid)
-    todo.extend(children.get(pid, ()))
-  return out
-
-
-def _field_kb(path: str, field: str) -> int:
-  """'<field>: <n> kB' of /proc/<pid>/status or smaps_rollup; 0 when gone or absent."""
-  try:
-    with open(path) as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1])
-  except OSError:
-    pass
-  return 0
+BUDGET_MB = 2048.0
 
 
 def tree_memory_kb(root: int) -> tuple[int, int, int]:
   """(sum of VmRSS, sum of Pss, number of processes) over ``root`` and its descendants."""
-  pids = _tree(root)
-  rss = sum(_field_kb(f"/proc/{p}/status", "VmRSS") for p in pids)
-  pss = sum(_field_kb(f"/proc/{p}/smaps_rollup", "Pss") for p in pids)
+  pids = memory.process_tree(root)
+  rss = sum(memory.proc_field_kb(f"/proc/{p}/status", "VmRSS") for p in pids)
+  pss = sum(memory.proc_field_kb(f"/proc/{p}/smaps_rollup", "Pss") for p in pids)
   return rss, pss, len(pids)
 
 

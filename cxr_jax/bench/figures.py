@@ -127,9 +127,7 @@ def build_train_step(spec: dict, config_root: str):
   state_shape = jax.eval_shape(make_state)
   state_sh = parallel.tree_shardings(state_shape, mesh, fsdp)
   zeros = trainer.zero_accumulator(jax.eval_shape(step_fn, state_shape, batches[0])[1])
-  train_step = jax.jit(trainer.accumulate(step_fn), donate_argnums=(0, 1),
-                       in_shardings=(state_sh, parallel.replicated(mesh), parallel.data_sharding(mesh)),
-                       out_shardings=(state_sh, parallel.replicated(mesh)))
+  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
   make_acc = lambda: jax.device_put(zeros, parallel.replicated(mesh))
   return train_step, make_state, make_acc, batches, stage, config, batch_size
 

@@ -57,21 +57,31 @@ def _children() -> dict[int, list[int]]:
   return tree
 
 
-def tree_rss_bytes(pid: int) -> int:
-  """Summed VmRSS of ``pid`` and all its descendants (0 when it is gone; Linux /proc)."""
-  tree, total, todo = _children(), 0, [pid]
+def process_tree(pid: int) -> list[int]:
+  """``pid`` and all its live descendants (Linux /proc)."""
+  tree, out, todo = _children(), [], [pid]
   while todo:
     p = todo.pop()
+    out.append(p)
     todo.extend(tree.get(p, ()))
-    try:
-      with open(f"/proc/{p}/status") as f:
-        for line in f:
-          if line.startswith("VmRSS:"):
-            total += int(line.split()[1]) * 1024
-            break
-    except OSError:
-      continue
-  return total
+  return out
+
+
+def proc_field_kb(path: str, field: str) -> int:
+  """'<field>: <n> kB' of a /proc file (status, smaps_rollup); 0 when gone or absent."""
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+  """Summed VmRSS of ``pid`` and all its descendants (0 when it is gone; Linux /proc)."""
+  return 1024 * sum(proc_field_kb(f"/proc/{p}/status", "VmRSS") for p in process_tree(pid))
 
 
 class TreeSampler:

@@ -213,6 +213,14 @@ def accumulate(step_fn):
   return step
 
 
+def jit_train_step(step_fn, state_shardings, mesh: jax.sharding.Mesh):
+  """The hot path: ``(state, acc, batch) -> (state, acc)`` as one jit, state and metrics donated."""
+  return jax.jit(accumulate(step_fn), donate_argnums=(0, 1),
+                 in_shardings=(state_shardings, parallel.replicated(mesh),
+                               parallel.data_sharding(mesh)),
+                 out_shardings=(state_shardings, parallel.replicated(mesh)))
+
+
 def zero_accumulator(metric_shapes) -> dict:
   return {"sums": jax.tree.map(lambda s: np.zeros(s.shape, np.float32), metric_shapes),
           "count": np.zeros((), np.int32), "nonfinite_step": np.full((), -1, np.int32)}
@@ -287,9 +295,7 @@ class _Run:
       iterator.set_state(parallel.process_state(progress["data"]))
     state_sh = parallel.tree_shardings(state, mesh, config.get("fsdp", False))
     step_fn = make_train_step(self.model, stage, tx, labels, bs_labels)
-    train_step = jax.jit(accumulate(step_fn), donate_argnums=(0, 1),
-                         in_shardings=(state_sh, parallel.replicated(mesh), parallel.data_sharding(mesh)),
-                         out_shardings=(state_sh, parallel.replicated(mesh)))
+    train_step = jit_train_step(step_fn, state_sh, mesh)
     feed = jax.jit(functools.partial(optim.feed_plateau, stage.optimizer))
     plateau = stage.optimizer.get("schedule", "constant") == "plateau"
 
