@@ -22,25 +22,12 @@ from configs import common
 BYOL_ARGS = {"pretrain": "", "cam": 2.0, "xrv": ""}
 
 
-def _split_arg(arg):
-  """'a=1,cam=0' -> ('a=1', {'cam': 0.0, ...}): this file's keys vs common's."""
-  common_items, own = [], dict(BYOL_ARGS)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    key = key.strip()
-    if key in own:
-      own[key] = type(BYOL_ARGS[key])(value)
-    else:
-      common_items.append(item)
-  return ",".join(common_items), own
-
-
 def _view(**fields):
   return ml_collections.ConfigDict(fields)
 
 
 def get_config(arg=None):
-  common_arg, a = _split_arg(arg)
+  common_arg, a = common.split_arg(arg, BYOL_ARGS)
   if a["pretrain"] and a["pretrain"] not in common.DATASETS:
     raise KeyError(f"unknown pretrain dataset {a['pretrain']!r}; known: {sorted(common.DATASETS)}")
   c = common.base_config(common_arg)
@@ -106,7 +93,7 @@ def get_sweep(arg=None):
   DenseNet-121, no download here) also XRV fine-tuned without and with the
   CAM loss.
   """
-  _, a = _split_arg(arg)
+  _, a = common.split_arg(arg, BYOL_ARGS)
   lam = a["cam"] or 2.0
   rows = [
       {"model.backbone": "resnet50", "byol.ssl": False, "byol.cam_weight": 0.0},

@@ -20,6 +20,13 @@ DATASETS = {
 BACKBONES = ("resnet18", "resnet34", "resnet50", "preact_resnet50", "densenet121", "vgg16")
 
 
+def _typed(default, value: str):
+  """``value`` as the type of ``default``; a bool key without a value is True."""
+  if isinstance(default, bool):
+    return not value or value.lower() in ("1", "true", "yes")
+  return type(default)(value)
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'a=1,b=x,flag' -> ConfigDict(a=1, b='x', flag=True); unknown keys are an error."""
   out = dict(defaults)
@@ -28,12 +35,29 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key = key.strip()
     if key not in out:
       raise KeyError(f"unknown config arg {key!r}; known: {sorted(out)}")
-    if not value:
-      out[key] = True
-    else:
-      default = out[key]
-      out[key] = type(default)(value) if not isinstance(default, bool) else value.lower() in ("1", "true", "yes")
+    out[key] = _typed(out[key], value)
   return ml_collections.ConfigDict(out)
+
+
+def split_arg(arg: str | None, own: dict) -> tuple[str, dict]:
+  """A method config's arg -> (the items for ``base_config``, values of its ``own`` keys).
+
+  'size=64,release=all' with own={'release': 'ch2_prior'} -> ('size=64', {'release': 'all'});
+  values take the type of ``own``'s defaults.
+  """
+  common_items, values = [], dict(own)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key.strip() in own:
+      values[key.strip()] = _typed(own[key.strip()], value)
+    else:
+      common_items.append(item)
+  return ",".join(common_items), values
+
+
+def arg_keys(arg: str | None) -> set[str]:
+  """The keys named in a config arg ('size=64,runlocal' -> {'size', 'runlocal'})."""
+  return {item.partition("=")[0].strip() for item in filter(None, (arg or "").split(","))}
 
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -25,25 +25,9 @@ NIH_TRAIN_IMAGES = 0.7 * 112_120
 EPOCHS = 5
 
 
-def _split_arg(arg, own):
-  """'a=1,masks=pdm,noalign' -> ('a=1', {'masks': 'pdm', 'noalign': True}) for the keys of
-  ``own`` (a bool key without a value is True)."""
-  common_items, values = [], dict(own)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    key = key.strip()
-    if key in own and isinstance(own[key], bool):
-      values[key] = not value or value.lower() in ("1", "true", "yes")
-    elif key in own:
-      values[key] = value
-    else:
-      common_items.append(item)
-  return ",".join(common_items), values
-
-
 def get_config(arg=None):
-  arg, own = _split_arg(arg, {"masks": "dm", "noalign": False})
-  if not any(item.partition("=")[0].strip() == "backbone" for item in arg.split(",")):
+  arg, own = common.split_arg(arg, {"masks": "dm", "noalign": False})
+  if "backbone" not in common.arg_keys(arg):
     arg = ",".join(filter(None, [arg, "backbone=resnet50"]))
   c = common.base_config(arg)
   c.method = "disease_masks"

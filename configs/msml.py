@@ -28,20 +28,8 @@ NIH_TRAIN_IMAGES = 0.7 * 112_120
 EPOCHS = 10
 
 
-def _split_arg(arg, own):
-  """'a=1,strategy=local' -> ('a=1', {'strategy': 'local'}) for the keys of ``own``."""
-  common_items, values = [], dict(own)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key.strip() in own:
-      values[key.strip()] = value
-    else:
-      common_items.append(item)
-  return ",".join(common_items), values
-
-
 def get_config(arg=None):
-  arg, own = _split_arg(arg, {"strategy": "global", "stream2": "msml"})
+  arg, own = common.split_arg(arg, {"strategy": "global", "stream2": "msml"})
   c = common.base_config(arg)
   c.method = "msml"
   c.msml = dict(

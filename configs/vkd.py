@@ -37,23 +37,11 @@ TABLE1_ANNOTATIONS = ("boxes", "gaze", "gaze+boxes")
 MIMIC_SUBSETS = {"reflacx": ("gaze", "boxes", "gaze+boxes"), "egd": ("gaze",)}
 
 
-def _split_arg(arg):
-  """'a=1,release=all' -> ('a=1', {'release': 'all', 'annotation': default, ...})."""
-  common_items, vkd = [], dict(VKD_ARGS)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key.strip() in vkd:
-      vkd[key.strip()] = value
-    else:
-      common_items.append(item)
-  return ",".join(common_items), vkd
-
-
 def get_config(arg=None):
-  common_arg, a = _split_arg(arg)
+  common_arg, a = common.split_arg(arg, VKD_ARGS)
   c = common.base_config(common_arg)
   runlocal = "runlocal" in common_arg.split(",")
-  size_given = any(item.partition("=")[0].strip() == "size" for item in common_arg.split(","))
+  size_given = "size" in common.arg_keys(common_arg)
   c.method = "vkd"
   c.vkd = ml_collections.ConfigDict()
   c.vkd.release = a["release"]          # Table 4 row (methods/vkd.py RELEASES)
@@ -134,7 +122,7 @@ def _mimic_subset(c, subset, size_given):
 def get_sweep(arg=None):
   """Override dicts. Synthetic: Table 4's four release rows, then Table 1's other
   annotation kinds. dataset=nih: Table 4's rows on each of the 5 folds."""
-  _, a = _split_arg(arg)
+  _, a = common.split_arg(arg, VKD_ARGS)
   rows = [{"vkd.release": r, "vkd.annotation": a["annotation"]} for r in TABLE4_RELEASES]
   if "dataset=nih" in (arg or "").split(","):
     return [{**row, "data.cv.fold": fold} for fold in range(5) for row in rows]
