@@ -1,0 +1,153 @@
+"""Rozenberg 2020 Table 1: cross-validated patch-grid IoU / IoR accuracy, one command.
+
+  python benchmarks/patch_loc_cv.py --workdir_root=/tmp/pl_cv \
+      --config_arg=width=0.125,size=64,grid=8 --folds=5 \
+      --variants=li,rozenberg,rozenberg+crf --unannotated=0,0.2 \
+      --override=train_steps=300 --override=patch_loc.feature_stage=conv4_x
+
+Every (variant, unannotated fraction, fold) is one run of configs/patch_loc.py
+(``--config_arg`` plus loss=<variant>[,crf=1], folds, fold, unannotated), in
+WORKDIR_ROOT/<variant>-un<fraction>-fold<fold>/, trained in this process one
+after the other (``trainer.train_and_evaluate``); a run whose eval/test.json
+already holds the patch report is reused, so a stopped benchmark resumes.
+``--run_folds`` runs only some folds (e.g. 0,1 on a slow machine); the table
+says how many folds each cell averages.
+
+Writes WORKDIR_ROOT/table1.md (Table 1's layout: per boxed class and mean, IoU
+then IoR accuracy at ``--threshold``, rows = unannotated fraction x variant;
+values = mean over the folds run) and WORKDIR_ROOT/table1.json (every T, per
+fold and averaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import patch_loc as patch_loc_config  # noqa: E402
+from cxr_jax.cli.sweep import apply_overrides, parse_override  # noqa: E402
+from cxr_jax.data import schema  # noqa: E402
+
+VARIANTS = {"li": "loss=li", "rozenberg": "loss=rozenberg", "li+crf": "loss=li,crf=1",
+            "rozenberg+crf": "loss=rozenberg,crf=1", "rozenberg_sigmoid": "loss=rozenberg,form=sigmoid"}
+
+
+def run_config(config_arg: str, variant: str, folds: int, fold: int, unannotated: float,
+               overrides: list[tuple[str, object]]):
+  """The locked config of one run."""
+  arg = ",".join(filter(None, [config_arg, VARIANTS[variant], f"folds={folds}", f"fold={fold}",
+                               f"unannotated={unannotated}"]))
+  config = apply_overrides(patch_loc_config.get_config(arg), dict(overrides), "--override")
+  config.lock()
+  return config
+
+
+def read_patch_report(workdir: str) -> dict | None:
+  """The 'patch' entry of WORKDIR/eval/test.json, or None if the run has not finished."""
+  path = os.path.join(workdir, "eval", "test.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get("localization", {}).get("patch")
+
+
+def average_folds(reports: list[dict]) -> dict:
+  """{'iou'|'ior': {T: {class: mean over the folds where it occurs, 'mean': mean over classes}}}."""
+  out = {}
+  for metric in ("iou", "ior"):
+    out[metric] = {}
+    for t in reports[0][metric]:
+      classes = sorted({c for r in reports for c in r[metric].get(t, {}) if c != "mean"})
+      row = {c: float(np.mean([r[metric][t][c] for r in reports if c in r[metric].get(t, {})]))
+             for c in classes}
+      if row:
+        row["mean"] = float(np.mean(list(row.values())))
+      out[metric][t] = row
+  return out
+
+
+def markdown(table: dict, threshold: str, classes: tuple[str, ...]) -> str:
+  lines = []
+  for metric in ("iou", "ior"):
+    lines += [f"{metric.upper()} accuracy (T = {threshold}), mean over folds", "",
+              "| un [%] | model | folds | " + " | ".join(classes) + " | mean |",
+              "|" + "---|" * (len(classes) + 4)]
+    for key, entry in table.items():
+      row = entry["mean"][metric].get(threshold, {})
+      cells = [f"{row[c]:.3f}" if c in row else "-" for c in classes + ("mean",)]
+      lines.append(f"| {100 * entry['unannotated']:g} | {entry['variant']} | {entry['folds']} | "
+                   + " | ".join(cells) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_atomic(path: str, text: str) -> None:
+  tmp = f"{path}.tmp.{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir_root", required=True)
+  parser.add_argument("--config_arg", default="", help="configs/patch_loc.py arg (common keys)")
+  parser.add_argument("--variants", default="li,rozenberg", help=f"comma list of {list(VARIANTS)}")
+  parser.add_argument("--folds", type=int, default=5)
+  parser.add_argument("--run_folds", default="", help="comma list of folds to run (default all)")
+  parser.add_argument("--unannotated", default="0,0.2", help="unannotated fractions")
+  parser.add_argument("--override", action="append", default=[], help="KEY=VALUE config override")
+  parser.add_argument("--threshold", default="0.1", help="T of the markdown table")
+  args = parser.parse_args(argv)
+
+  variants = [v for v in args.variants.split(",") if v]
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    raise SystemExit(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+  if args.folds < 2:
+    raise SystemExit(f"--folds={args.folds}: cross-validation needs at least 2 folds")
+  folds = [int(f) for f in args.run_folds.split(",") if f] or list(range(args.folds))
+  bad = [f for f in folds if not 0 <= f < args.folds]
+  if bad:
+    raise SystemExit(f"--run_folds: {bad} not in [0, {args.folds})")
+  fractions = [float(u) for u in args.unannotated.split(",") if u]
+  overrides = [parse_override(o) for o in args.override]
+
+  from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  os.makedirs(args.workdir_root, exist_ok=True)
+  table, classes = {}, ()
+  for unannotated in fractions:
+    for variant in variants:
+      reports = {}
+      for fold in folds:
+        workdir = os.path.join(args.workdir_root, f"{variant}-un{unannotated:g}-fold{fold}")
+        config = run_config(args.config_arg, variant, args.folds, fold, unannotated, overrides)
+        classes = schema.get_label_space(config.data.label_space).boxed
+        if read_patch_report(workdir) is None:
+          print(f"== {workdir}", flush=True)
+          trainer.train_and_evaluate(config, workdir)
+        reports[fold] = read_patch_report(workdir)
+        if reports[fold] is None:
+          raise SystemExit(f"{workdir}/eval/test.json has no localization.patch report")
+      table[f"{variant}-un{unannotated:g}"] = {
+          "variant": variant, "unannotated": unannotated, "folds": len(reports),
+          "mean": average_folds(list(reports.values())),
+          "per_fold": {str(f): {m: r[m] for m in ("iou", "ior", "count")}
+                       for f, r in reports.items()}}
+  text = markdown(table, args.threshold, tuple(classes))
+  write_atomic(os.path.join(args.workdir_root, "table1.json"), json.dumps(
+      {"config_arg": args.config_arg, "overrides": args.override, "num_folds": args.folds,
+       "folds_run": folds, "rows": table}, indent=2))
+  write_atomic(os.path.join(args.workdir_root, "table1.md"), text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,281 @@
+"""Li 2018 / Rozenberg 2020: log-space Li loss, Eq. 12, threshold alternation, method end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import patch_loc as patch_loc_config
+from cxr_jax.data import schema
+from cxr_jax.methods import get_method
+from cxr_jax.methods import patch_loc
+from cxr_jax.train import trainer
+
+P = 20  # the paper's grid: 400 patches
+
+# --------------------------------------------------------------------------- Li loss (Eq. 1-3)
+
+
+def li_reference(logits, grid, labels, annotated, unannotated, lambda_ann):
+  """Float64, straight from Eq. 1-3: products of probabilities, then -log."""
+  l = np.asarray(logits, np.float64)
+  p = 1.0 / (1.0 + np.exp(-l))
+  g = np.asarray(grid, np.float64)
+  n, _, _, k = l.shape
+  out = np.zeros(n)
+  for i in range(n):
+    for c in range(k):
+      pc, gc = p[i, :, :, c].ravel(), g[i, :, :, c].ravel()
+      if annotated[i, c]:
+        prob_box = np.prod(np.where(gc > 0, pc, 1.0 - pc))                   # Eq. 1
+        out[i] += lambda_ann * -np.log(prob_box)
+      if unannotated[i, c]:
+        prob_none = np.exp(np.sum(np.log1p(-pc)))                             # prod (1 - p)
+        prob_any = -np.expm1(np.sum(np.log1p(-pc)))                           # Eq. 2
+        out[i] += -labels[i, c] * np.log(prob_any) - (1 - labels[i, c]) * np.log(prob_none)
+  return out
+
+
+def confident_case():
+  """Logits for which float32 products underflow: a big box of p = 0.7 and all-negative
+  patches with p ~ 2e-9 (1 - p rounds to 1 in float32)."""
+  rng = np.random.default_rng(0)
+  k = 3
+  grid = np.zeros((2, P, P, k), np.float32)
+  grid[0, 2:17, 3:18, 0] = 1                                   # 225-patch box, class 0
+  logits = rng.normal(0, 0.2, (2, P, P, k)).astype(np.float32)
+  logits[0, ..., 0] = np.where(grid[0, ..., 0] > 0, 0.85, -0.85)  # p = 0.7 in, 0.3 out
+  logits[1, ..., 1] = -20.0 + rng.normal(0, 0.5, (P, P))          # confidently nothing ...
+  labels = np.array([[1, 0, 0], [0, 1, 0]], np.float32)           # ... but labelled positive
+  annotated = np.array([[1, 0, 0], [0, 0, 0]], np.float32)
+  unannotated = np.array([[0, 1, 1], [1, 1, 1]], np.float32)
+  return logits, grid, labels, annotated, unannotated
+
+
+def test_li_loss_is_finite_where_the_naive_product_underflows():
+  logits, grid, labels, annotated, unannotated = confident_case()
+  p = jax.nn.sigmoid(jnp.asarray(logits))
+  naive_box = jnp.prod(jnp.where(grid[0, ..., 0] > 0, p[0, ..., 0], 1 - p[0, ..., 0]))
+  naive_any = 1 - jnp.prod(1 - p[1, ..., 1])
+  assert float(naive_box) == 0.0 and float(naive_any) == 0.0   # float32 product underflows
+  per_image, _ = patch_loc.li_loss(jnp.asarray(logits), jnp.asarray(grid), jnp.asarray(labels),
+                                   jnp.asarray(annotated), jnp.asarray(unannotated), 70.0)
+  expected = li_reference(logits, grid, labels, annotated, unannotated, 70.0)
+  assert np.all(np.isfinite(per_image))
+  np.testing.assert_allclose(np.asarray(per_image), expected, rtol=2e-5)
+  grads = jax.grad(lambda l: jnp.sum(patch_loc.li_loss(
+      l, jnp.asarray(grid), jnp.asarray(labels), jnp.asarray(annotated),
+      jnp.asarray(unannotated), 70.0)[0]))(jnp.asarray(logits))
+  assert np.all(np.isfinite(grads))
+  # d/dl of -log(1 - prod(1 - p)) at p ~ 2e-9 on 400 patches: ~ -p_j / sum_j p_j, float64.
+  p64 = 1 / (1 + np.exp(-logits[1, ..., 1].astype(np.float64)))
+  a = -np.sum(np.log1p(-p64))
+  ref = -np.exp(-a) / -np.expm1(-a) * p64  # d/dl_j of -log(1 - e^{-A}), dA/dl_j = p_j
+  np.testing.assert_allclose(np.asarray(grads[1, ..., 1]), ref, rtol=1e-3)
+
+
+def test_log_noisy_or_matches_float64_over_all_regimes():
+  for scale, shift in ((1.0, 0.0), (0.5, -30.0), (0.5, -120.0), (3.0, 5.0)):
+    logits = (np.random.default_rng(1).normal(0, scale, (3, 5, 5, 2)) + shift).astype(np.float32)
+    log_pos, log_neg = patch_loc.log_noisy_or(jnp.asarray(logits))
+    l64 = logits.astype(np.float64)
+    log_none = -np.sum(np.logaddexp(0, l64), axis=(1, 2))
+    # log(1 - e^{log_none}); when p ~ e^l underflows even in float64's 1 - p, use log sum e^l.
+    ref_pos = np.where(log_none < -1e-12, np.log(-np.expm1(log_none)),
+                       np.log(np.sum(np.exp(l64), axis=(1, 2))))
+    np.testing.assert_allclose(np.asarray(log_neg), log_none, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(log_pos), ref_pos, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Rozenberg Eq. 12
+
+
+def rozenberg_reference(z, grid, labels, annotated, unannotated, t, lam, gamma, form):
+  """Float64 loop over (image, class) of Eq. 9 + 11 (relu) or Eq. 5 + 8 (sigmoid)."""
+  z, grid = np.asarray(z, np.float64), np.asarray(grid, np.float64)
+  sig = lambda v: 1 / (1 + np.exp(-v))
+  relu = lambda v: max(v, 0.0)
+  n, p, q, k = z.shape
+  out = np.zeros(n)
+  for i in range(n):
+    for c in range(k):
+      zc, gc = z[i, ..., c].ravel(), grid[i, ..., c].ravel()
+      b = gc.sum()
+      bbar = p * q - b
+      sb, sbar, s = zc[gc > 0].sum(), zc[gc == 0].sum(), zc.sum()
+      tau, rho, tau_hat, rho_hat = (float(t[name][c]) for name in ("tau", "rho", "tau_hat", "rho_hat"))
+      y = labels[i, c]
+      if form == "relu":
+        ann = relu(tau * b - sb) / b + relu(sbar - rho * bbar) / bbar if b else 0.0
+        un = y * relu(tau_hat - s) + gamma[c] * (1 - y) * relu(s - rho_hat)
+      else:
+        ann = -sig(sb - tau * b) * sig(rho * bbar - sbar)
+        un = -y * sig(s - tau_hat) - (1 - y) * sig(rho_hat - s)
+      out[i] += lam * annotated[i, c] * ann + unannotated[i, c] * un
+  return out
+
+
+@pytest.mark.parametrize("form", ["relu", "sigmoid"])
+def test_rozenberg_loss_matches_float64_loop(form):
+  rng = np.random.default_rng(2)
+  n, k = 4, 3
+  z = rng.random((n, P, P, k)).astype(np.float32) ** 3
+  grid = np.zeros((n, P, P, k), np.float32)
+  grid[0, 3:9, 4:12, 0] = 1
+  grid[1, 10:20, 0:5, 2] = 1
+  grid[2, 7, 7, 1] = 1                                          # a one-patch box
+  labels = (rng.random((n, k)) < 0.5).astype(np.float32)
+  annotated = (grid.max(axis=(1, 2)) > 0).astype(np.float32)
+  unannotated = 1 - annotated
+  t = {"tau": np.array([0.5, 0.9, 0.3], np.float32), "rho": np.array([0.05, 0.1, 0.2], np.float32),
+       "tau_hat": np.array([4.0, 10.0, 2.0], np.float32),
+       "rho_hat": np.array([1.0, 3.0, 30.0], np.float32)}
+  gamma = np.array([0.5, 0.2, 1.0], np.float32)
+  got, _ = patch_loc.rozenberg_loss(jnp.asarray(z), jnp.asarray(grid), jnp.asarray(labels),
+                                    jnp.asarray(annotated), jnp.asarray(unannotated),
+                                    {a: jnp.asarray(b) for a, b in t.items()}, 70.0,
+                                    jnp.asarray(gamma), form)
+  want = rozenberg_reference(z, grid, labels, annotated, unannotated, t, 70.0, gamma, form)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4)
+
+
+def test_positive_negative_ratio():
+  labels = np.array([[1, 0], [0, 0], [1, 1], [0, 1]], np.float32)
+  weight = np.array([[1, 1], [1, 0], [0, 1], [1, 1]], np.float32)
+  got = patch_loc.positive_negative_ratio(jnp.asarray(labels), jnp.asarray(weight))
+  # class 0: rows 0,1,3 weighted: 1 positive, 2 negatives; class 1: rows 0,2,3: 2 pos, 1 neg
+  np.testing.assert_allclose(np.asarray(got), [0.5, 2.0])
+
+
+def test_annotation_weights_use_only_kept_boxes_of_the_box_classes():
+  grid = np.zeros((3, 4, 4, 3), np.float32)
+  grid[0, 1, 1, 0] = grid[0, 2, 2, 2] = grid[1, 0, 0, 0] = 1
+  has_boxes = np.array([1, 0, 1], np.float32)
+  mask = np.ones((3, 3), np.float32)
+  mask[2] = 0  # a padding row
+  a, u = patch_loc.annotation_weights(jnp.asarray(grid), jnp.asarray(has_boxes), jnp.asarray(mask),
+                                      jnp.asarray([1.0, 1.0, 0.0]))
+  np.testing.assert_array_equal(np.asarray(a), [[1, 0, 0], [0, 0, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(np.asarray(u), [[0, 1, 1], [1, 1, 1], [0, 0, 0]])
+
+
+# --------------------------------------------------------------------------- threshold alternation
+
+
+def test_joint_training_collapses_thresholds_and_alternation_does_not():
+  """A 'network' of free patch logits that moves slower than the thresholds (logits = 0.2 w, as
+  a deep network fits slowly), annotated boxes, Eq. 12. Trained jointly, tau runs to
+  the degenerate 0 while the network is still unfit; alternating (network with the
+  thresholds frozen, then the thresholds with the network frozen) keeps them: once the
+  network meets the constraints, the ReLU terms give the thresholds no gradient."""
+  rng = np.random.default_rng(3)
+  n, p, k = 8, 8, 2
+  grid = np.zeros((n, p, p, k), np.float32)
+  for i in range(n):
+    y0, x0 = rng.integers(0, 4, 2)
+    grid[i, y0:y0 + 4, x0:x0 + 4, i % k] = 1
+  annotated = (grid.max(axis=(1, 2)) > 0).astype(np.float32)
+  labels = annotated
+  zero = np.zeros_like(annotated)
+  init = {"tau": 0.7, "rho": 0.1, "tau_hat": 4.0, "rho_hat": 1.0}
+  scale = {"tau": 1.0, "rho": 1.0, "tau_hat": p * p, "rho_hat": p * p}
+
+  def thresholds(raw):
+    return {name: scale[name] * jax.nn.sigmoid(raw[name]) for name in raw}
+
+  def loss(params):
+    per_image, _ = patch_loc.rozenberg_loss(
+        jax.nn.sigmoid(0.2 * params["logits"]), jnp.asarray(grid), jnp.asarray(labels),
+        jnp.asarray(annotated), jnp.asarray(zero), thresholds(params["raw"]), 70.0, 1.0)
+    return jnp.mean(per_image)
+
+  def fresh():
+    raw = {name: jnp.full((k,), np.log(v / scale[name]) - np.log1p(-v / scale[name]))
+           for name, v in init.items()}
+    return {"logits": jnp.full((n, p, p, k), -15.0), "raw": raw}  # z = sigmoid(-3) = 0.05
+
+  def train(params, steps, trainable):
+    group = lambda part: "train" if trainable in ("all", part) else "frozen"
+    labels = {"logits": group("network"), "raw": jax.tree.map(lambda _: group("thr"), params["raw"])}
+    tx = optax.multi_transform({"train": optax.adam(0.05), "frozen": optax.set_to_zero()}, labels)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+      grads = jax.grad(loss)(params)
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    for _ in range(steps):
+      params, state = step(params, state)
+    return params
+
+  joint = thresholds(train(fresh(), 400, "all")["raw"])
+  params = fresh()
+  for _ in range(2):
+    params = train(params, 500, "network")
+    params = train(params, 50, "thr")
+  alternated = thresholds(params["raw"])
+  assert float(jnp.max(joint["tau"])) < 0.2
+  np.testing.assert_allclose(np.asarray(alternated["tau"]), init["tau"], atol=0.05)
+  np.testing.assert_allclose(np.asarray(alternated["rho"]), init["rho"], atol=0.05)
+  # ... and the alternated network localizes: the box holds >= tau of its patches' mass.
+  z = jax.nn.sigmoid(0.2 * params["logits"])
+  inside = jnp.sum(z * grid, axis=(1, 2)) / jnp.maximum(grid.sum(axis=(1, 2)), 1)
+  assert float(jnp.min(jnp.where(annotated > 0, inside, 1.0))) >= 0.65
+
+
+# --------------------------------------------------------------------------- method
+
+
+def tiny_config(arg, **overrides):
+  config = patch_loc_config.get_config(arg)
+  config.unlock()
+  config.data.image_size = 32
+  config.data.synthetic.update(num_train=96, num_val=16, num_test=16, annotated_fraction=0.5)
+  config.model.width = 0.125
+  config.patch_loc.update(head_hidden=8, crf_window=5, crf_iterations=2, guide_features=4,
+                          threshold_steps=2, crf_steps=2, feature_stage="conv4_x")
+  config.batch_size, config.eval_batch_size = 8, 16
+  config.train_steps, config.log_every, config.checkpoint_every = 4, 2, 100
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def test_stages_alternate_thresholds_and_freeze_the_unary_model_for_the_crf():
+  method = get_method("patch_loc")
+  names = [s.name for s in method.stages(tiny_config("loss=rozenberg,crf=1"))]
+  assert names == ["network0", "thresholds0", "network1", "thresholds1", "network2", "crf"]
+  stages = {s.name: s for s in method.stages(tiny_config("loss=rozenberg,crf=1"))}
+  assert stages["thresholds0"].trainable == ("thresholds/.*",)
+  assert stages["network1"].trainable == patch_loc.NETWORK_PARAMS
+  assert stages["crf"].apply_kwargs == {"train_unary": False, "use_crf": True}
+  assert [s.name for s in method.stages(tiny_config("loss=li"))] == ["network"]
+  with pytest.raises(ValueError, match="config.patch_loc.loss"):
+    method.stages(tiny_config("loss=li", **{"patch_loc.loss": "nope"}))
+
+
+@pytest.mark.slow
+def test_rozenberg_with_crf_trains_and_writes_patch_accuracy(tmp_path):
+  config = tiny_config("loss=rozenberg,crf=1,grid=4,folds=2,fold=1,unannotated=0.2",
+                       **{"patch_loc.alternations": 1})
+  state = trainer.train_and_evaluate(config, str(tmp_path))
+  params = jax.device_get(state.params)
+  assert set(params) == {"backbone", "head", "thresholds", "guide", "crf"}
+  with open(tmp_path / "eval" / "test.json") as f:
+    payload = json.load(f)
+  patch = payload["localization"]["patch"]
+  assert patch["grid_size"] == 4
+  boxed = set(schema.NIH14.boxed)
+  assert set(patch["count"]) <= boxed and patch["count"]
+  assert set(patch["iou"]["0.1"]) - {"mean"} == set(patch["count"])
+  assert all(0.0 <= v <= 1.0 for v in patch["ior"]["0.1"].values())
