@@ -47,6 +47,7 @@ def get_config(arg=None):
                            weight_decay=0.0, schedule="constant", warmup_steps=0,
                            decay_rate=0.1, decay_steps=0, grad_clip=0.0),
       anchor_images=2000,         # Sec. 3.2: mean of 2,000 No-Finding images
+      anchor_labels="no_finding",  # or "any": NIH's boxed subset has no No-Finding image
       grid_cell=0,                # B(G(.)) cell; 0 = image_size // 32 (16 at their 512 px)
       min_prob=0.8,               # Eq. 2 filter P_c(x) >= 0.8
       threshold=0.5,              # T of Eq. 3, on the mean map rescaled to [0, 1]

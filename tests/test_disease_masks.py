@@ -133,6 +133,13 @@ def test_anchor_is_mean_of_the_first_no_finding_images():
   assert iterator.closed
   everything = disease_masks.compute_anchor(ctx, 1000)   # fewer than asked: all of them
   np.testing.assert_allclose(everything, np.mean(normal, axis=0), rtol=1e-5, atol=1e-6)
+  valid_images = [b["image"][i] for b in batches for i in range(4) if b["valid"][i]]
+  any_label = disease_masks.compute_anchor(ctx, 5, labels="any")
+  np.testing.assert_allclose(any_label, np.mean(valid_images[:5], axis=0), rtol=1e-5, atol=1e-6)
+  for b in batches:
+    b["labels"][:] = 1.0
+  with pytest.raises(ValueError, match="anchor_labels=any"):
+    disease_masks.compute_anchor(ctx, 4)
 
 
 # --------------------------------------------------------------------------- model, heat maps

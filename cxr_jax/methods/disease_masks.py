@@ -169,17 +169,26 @@ def _with_leaf(params, name: str, value) -> Any:
   return {**params, name: jnp.asarray(value, jnp.float32)}
 
 
-@jax.jit
-def _no_finding_sum(total, count, images, labels, mask, valid, remaining):
-  """Adds up to ``remaining`` images with no positive label (in batch order) to total [H,W,C]."""
-  normal = (jnp.sum(labels * mask, axis=1) == 0) & (valid > 0)
+@functools.partial(jax.jit, static_argnames="no_finding_only")
+def _anchor_sum(total, count, images, labels, mask, valid, remaining, no_finding_only=True):
+  """Adds up to ``remaining`` images (in batch order) to total [H,W,C]: those with no positive
+  label, or any valid image when not ``no_finding_only``."""
+  normal = valid > 0
+  if no_finding_only:
+    normal &= jnp.sum(labels * mask, axis=1) == 0
   take = normal & (jnp.cumsum(normal) <= remaining)
   weights = take.astype(jnp.float32)
   return total + jnp.einsum("n,nhwc->hwc", weights, images), count + jnp.sum(weights)
 
 
-def compute_anchor(ctx: PrepareContext, num_images: int) -> np.ndarray:
-  """Mean of ``num_images`` random No-Finding training images [H,W,C] (Sec. 3.2)."""
+def compute_anchor(ctx: PrepareContext, num_images: int, labels: str = "no_finding") -> np.ndarray:
+  """Mean of ``num_images`` random training images [H,W,C] (Sec. 3.2).
+
+  labels: 'no_finding' (the paper: images without a positive label) or 'any'
+    (datasets without No-Finding images, e.g. NIH's boxed subset).
+  """
+  if labels not in ("no_finding", "any"):
+    raise ValueError(f"dm.anchor_labels={labels!r}; known: 'no_finding', 'any'")
   config = ctx.config
   iterator = ctx.make_iterator(config.data, "train", batch_size=config.eval_batch_size,
                                sharding=ctx.batch_sharding, seed=config.seed, shuffle=True,
@@ -188,15 +197,16 @@ def compute_anchor(ctx: PrepareContext, num_images: int) -> np.ndarray:
   total, count = jnp.zeros((h, w, c), jnp.float32), jnp.zeros((), jnp.float32)
   try:
     for batch in iterator:
-      total, count = _no_finding_sum(total, count, batch["image"], batch["labels"],
-                                     batch["label_mask"], batch["valid"],
-                                     num_images - count)
+      total, count = _anchor_sum(total, count, batch["image"], batch["labels"],
+                                 batch["label_mask"], batch["valid"], num_images - count,
+                                 no_finding_only=labels == "no_finding")
       if int(count) >= num_images:
         break
   finally:
     iterator.close()
   if int(count) == 0:
-    raise ValueError("dm anchor: the 'train' split has no No-Finding image (all labels 0)")
+    raise ValueError("dm anchor: the 'train' split has no No-Finding image (all labels 0); "
+                     "set --config.dm.anchor_labels=any to average images of any label")
   return np.asarray(total / count)
 
 
@@ -391,7 +401,8 @@ class DiseaseMasks:
 
   def prepare_anchor(self, d, ctx: PrepareContext):
     """Before 'align': params['anchor'] = mean of ``d.anchor_images`` No-Finding images."""
-    return _with_leaf(ctx.params, "anchor", compute_anchor(ctx, d.anchor_images)), ctx.extras
+    anchor = compute_anchor(ctx, d.anchor_images, d.anchor_labels)
+    return _with_leaf(ctx.params, "anchor", anchor), ctx.extras
 
   def report_alignment(self, d, ctx: PrepareContext):
     """Before 'classify' (the aligner is final): WORKDIR/alignment/examples.png (Fig. 4) and,
