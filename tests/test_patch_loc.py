@@ -266,8 +266,9 @@ def test_stages_alternate_thresholds_and_freeze_the_unary_model_for_the_crf():
 
 @pytest.mark.slow
 def test_rozenberg_with_crf_trains_and_writes_patch_accuracy(tmp_path):
-  config = tiny_config("loss=rozenberg,crf=1,grid=4,folds=2,fold=1,unannotated=0.2",
-                       **{"patch_loc.alternations": 1})
+  config = tiny_config(
+      "loss=rozenberg,crf=1,grid=4,folds=2,fold=1,unannotated=0.2,backbone=resnet18",
+      **{"patch_loc.alternations": 1})
   state = trainer.train_and_evaluate(config, str(tmp_path))
   params = jax.device_get(state.params)
   assert set(params) == {"backbone", "head", "thresholds", "guide", "crf"}
