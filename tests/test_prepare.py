@@ -364,3 +364,14 @@ def test_reads_the_smallest_prepared_size_not_below_image_size(fake):
   assert prepared.open_prepared(data_config(data_dir, image_size=SIZE // 2)).image_size == SIZE
   with pytest.raises(FileNotFoundError, match=f"--image_size={2 * SIZE}"):
     prepared.open_prepared(data_config(data_dir, image_size=2 * SIZE))
+
+
+def test_without_official_train_images_all_images_are_split_by_patient():
+  """The NIH sample: every image is in the official test list, yet train / val / test exist."""
+  ids = np.repeat(np.arange(50).astype(str), 2)
+  data = common.base_config("dataset=nih").data
+  parts = prepared.split_indices(ids, np.full(len(ids), "test"), np.ones(len(ids), bool), data)
+  assert all(len(parts[k]) for k in ("train", "val", "test"))
+  np.testing.assert_array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(100))
+  splits.assert_patient_disjoint(parts, ids)
+  assert abs(len(parts["test"]) - data.test_fraction * 100) <= 2

@@ -40,7 +40,9 @@ else the smallest larger prepared size (the pipeline resizes). Without a
 data_dir but with ``data.manual_dir``, the official download is read directly
 (``ReaderSource``: every access decodes the original file; for small data).
 
-Splits at read time (``split_indices``): 'test' = the official test split
+Splits at read time (``split_indices``): when no image of the official train
+split is present (the NIH sample), all images are split by patient
+(data.val_fraction / data.test_fraction); otherwise 'test' = the official test split
 (else the official validation split, else a patient-level
 ``data.test_fraction``); 'val' = the official validation split when an official
 test split exists too, else a patient-level ``data.val_fraction`` of the
@@ -673,6 +675,13 @@ def split_indices(patient_ids: np.ndarray, official_splits: np.ndarray, has_boxe
   everything = np.arange(len(ids))
   train_pool = np.flatnonzero(official == "train")
   val_frac, test_frac = data_config.val_fraction, data_config.test_fraction
+  if not len(train_pool):
+    # No image of the official train split is here (e.g. the NIH sample: every image is in
+    # the official test list): patient-level train / val / test over all of them.
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    logging.warning("no image of the official train split is present: splitting all %d images "
+                    "by patient (data.val_fraction, data.test_fraction)", len(ids))
+    train_pool, present = everything, set()
   if "test" in present and "val" in present:
     test, val, train = (np.flatnonzero(official == s) for s in ("test", "val", "train"))
   elif present & {"test", "val"}:
