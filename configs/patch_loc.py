@@ -12,8 +12,8 @@ PAC-CRF stage), ``grid`` (P), ``folds`` / ``fold`` / ``unannotated``
 
 Paper settings (Sec. 4): pre-act ResNet-50, P = 20, lambda_ann = 70, Adam with
 weight decay 0.01, learning rate 1e-3 decaying exponentially, batch 48, NIH at
-512 px in [-1, 1] (dataset=nih). The decay rate is not given: 0.1 over
-``train_steps`` as the config sets it (an override of train_steps should set
+512 px in [-1, 1] (dataset=nih, unless the arg gives size). The decay rate is
+not given: 0.1 over ``train_steps`` as the config sets it (an override of train_steps should set
 optimizer.decay_steps too); each stage restarts its schedule. The thresholds' initial values and their optimizer (Adam, lr
 ``threshold_lr``, ``threshold_steps`` per alternation) are not given either.
 """
@@ -58,7 +58,7 @@ def get_config(arg=None):
                           schedule="exponential", decay_rate=0.1, decay_steps=c.train_steps))
   c.batch_size = 48
   c.eval_every = 0
-  if c.data.name == "nih":
+  if c.data.name == "nih" and "size" not in common.arg_keys(arg):
     c.data.image_size = 512
   c.lock()
   return c

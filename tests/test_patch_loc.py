@@ -280,3 +280,8 @@ def test_rozenberg_with_crf_trains_and_writes_patch_accuracy(tmp_path):
   assert set(patch["count"]) <= boxed and patch["count"]
   assert set(patch["iou"]["0.1"]) - {"mean"} == set(patch["count"])
   assert all(0.0 <= v <= 1.0 for v in patch["ior"]["0.1"].values())
+
+
+def test_nih_config_defaults_to_512_px_but_keeps_a_given_size():
+  assert patch_loc_config.get_config("dataset=nih").data.image_size == 512
+  assert patch_loc_config.get_config("dataset=nih,size=128").data.image_size == 128
