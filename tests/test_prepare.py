@@ -349,14 +349,16 @@ def test_manual_dir_without_data_dir_reads_directly(nih_sample_dir, tmp_path):
                              "--workers=1", "--no_progress"])
   stored = prepared.PreparedSource(folder)
   config = data_config("", manual_dir=str(tmp_path / "nih"))
-  direct = pipeline.make_source(config, "test")
-  assert isinstance(direct.source, prepared.ReaderSource)
-  assert sorted(direct.source.image_ids[direct.indices]) == names
-  for k in range(len(direct)):
-    a = direct[k]
-    b = stored[int(np.flatnonzero(stored.image_ids == a["image_id"])[0])]
-    for key in schema.EXAMPLE_SPEC:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  # Every image is in the official test list (no official train image): split by patient.
+  parts = [pipeline.make_source(config, split) for split in ("train", "val", "test")]
+  assert all(isinstance(part.source, prepared.ReaderSource) for part in parts)
+  assert sorted(np.concatenate([p.source.image_ids[p.indices] for p in parts])) == names
+  for direct in parts:
+    for k in range(len(direct)):
+      a = direct[k]
+      b = stored[int(np.flatnonzero(stored.image_ids == a["image_id"])[0])]
+      for key in schema.EXAMPLE_SPEC:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_reads_the_smallest_prepared_size_not_below_image_size(fake):
