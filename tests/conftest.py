@@ -1,5 +1,6 @@
 """Test setup: 8 simulated CPU devices, paths to the real NIH sample."""
 
+import contextlib
 import os
 import pathlib
 
@@ -12,10 +13,8 @@ import pytest  # noqa: E402
 
 # The parity tests' torch (CUDA wheels) brings triton, whose native library
 # segfaults when loaded after TensorFlow (clu imports it): load it first.
-try:
+with contextlib.suppress(ImportError):
   import triton  # noqa: E402,F401
-except ImportError:
-  pass
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
