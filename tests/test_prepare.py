@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -377,3 +378,99 @@ def test_without_official_train_images_all_images_are_split_by_patient():
   np.testing.assert_array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(100))
   splits.assert_patient_disjoint(parts, ids)
   assert abs(len(parts["test"]) - data.test_fraction * 100) <= 2
+
+
+def test_stored_examples_equal_tfds_data_source(fake):
+  """The TF-free reader returns what tfds' own data source returns: every split, field,
+  dtype and shape; the fully decoded image too."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  _, _, folder = fake
+  stored = prepared.StoredExamples(folder)
+  builder = tfds.builder_from_directory(folder)
+  assert stored.splits == [s for s in prepared.SPLITS if s in builder.info.splits]
+  index = 0
+  for split in stored.splits:
+    raw = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
+    decoded = builder.as_data_source(split)
+    assert stored.split_lengths[split] == len(raw)
+    for local in range(len(raw)):
+      ours, theirs = stored[index], raw[local]
+      assert ours.keys() == theirs.keys()
+      for key, expected in theirs.items():
+        assert type(ours[key]) is type(expected), key
+        if isinstance(expected, np.ndarray):
+          assert (ours[key].dtype, ours[key].shape) == (expected.dtype, expected.shape), key
+        np.testing.assert_array_equal(ours[key], expected, err_msg=key)
+      image = cv2.imdecode(np.frombuffer(ours["image"], np.uint8), cv2.IMREAD_UNCHANGED)
+      np.testing.assert_array_equal(image[..., None], decoded[local]["image"])
+      index += 1
+  assert index == len(stored)
+
+
+def test_prepared_source_reads_without_tensorflow_or_tfds(fake):
+  """A fresh process where TensorFlow and TFDS cannot be imported reads every split through
+  make_source, also after pickling the source (as Grain workers do)."""
+  recs, data_dir, _ = fake
+  code = (
+      "import pickle, sys\n"
+      "sys.modules['tensorflow'] = None\n"
+      "sys.modules['tensorflow_datasets'] = None\n"
+      "sys.path.insert(0, sys.argv[1])\n"
+      "from tests import test_prepare\n"
+      "from cxr_jax.data import prepared\n"
+      f"config = test_prepare.data_config({str(data_dir)!r})\n"
+      "for split in ('train', 'val', 'test'):\n"
+      "  source = prepared.make_source(config, split)\n"
+      "  source[len(source) - 1]  # shards open: pickling must drop their readers\n"
+      "  again = pickle.loads(pickle.dumps(source))\n"
+      "  for k in range(len(source)):\n"
+      "    a, b = source[k], again[k]\n"
+      "    assert a['image'].shape == (%d, %d) and (a['image'] == b['image']).all()\n"
+      "    print(a['image_id'], int(a['labels'].sum()), int((a['box_labels'] >= 0).sum()))\n"
+      ) % (SIZE, SIZE)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  by_id = {r.id: r for r in recs}
+  rows = [line.split() for line in out.stdout.splitlines()]
+  assert sorted(r[0] for r in rows) == sorted(by_id)
+  for image_id, num_labels, num_boxes in rows:
+    r = by_id[image_id]
+    assert (int(num_labels), int(num_boxes)) == (int(r.labels.sum()), len(r.box_labels))
+
+
+def test_corrupt_shard_or_record_raises_naming_the_shard(fake, tmp_path):
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  _, _, folder = fake
+  copy = str(tmp_path / "copy")
+  shutil.copytree(folder, copy)
+  stored = prepared.StoredExamples(copy)
+  shard = lambda k: os.path.basename(stored.paths[k])
+  first = lambda k: int(stored.starts[k])
+
+  with open(stored.paths[0], "r+b") as f:   # bytes flipped inside the first record's chunk
+    f.seek(80)
+    chunk = f.read(16)
+    f.seek(80)
+    f.write(bytes(b ^ 0xFF for b in chunk))
+  with pytest.raises(schema.ExampleError, match=rf"{shard(0)} record 0: .*[Cc]orrupt"):
+    stored[first(0)]
+  assert stored[first(0) + 1]["image_id"]     # the next record is intact
+
+  reader = array_record_module.ArrayRecordReader(stored.paths[1])
+  records = reader.read_all()
+  reader.close()
+  writer = array_record_module.ArrayRecordWriter(stored.paths[1], "group_size:1")
+  for i, record in enumerate(records):      # record 2 cut short
+    writer.write(record[:len(record) // 2] if i == 2 else record)
+  writer.close()
+  with pytest.raises(schema.ExampleError, match=rf"{shard(1)} record 2: .*truncated"):
+    stored[first(1) + 2]
+
+  with open(stored.paths[2], "r+b") as f:   # a shard cut short
+    f.truncate(os.path.getsize(stored.paths[2]) // 2)
+  with pytest.raises(schema.ExampleError, match=rf"{shard(2)}: .*dataset_info.json says"):
+    stored[first(2)]
+  os.remove(stored.paths[3])
+  with pytest.raises(schema.ExampleError, match=rf"{shard(3)}: shard file missing"):
+    prepared.PreparedSource(copy)[first(3)]

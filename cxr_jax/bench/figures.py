@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -58,11 +59,13 @@ def _stage(stages, name: str | None):
   raise KeyError(f"no stage {name!r}; stages: {[s.name for s in stages]}")
 
 
-def _cost(compiled) -> dict:
-  """XLA's FLOPs and memory of a compiled step (per device); {} where the backend gives none."""
+def _cost(lowered, compiled) -> dict:
+  """XLA's FLOPs (of the lowered, unoptimized HLO: on GPU the compiled step's convolutions are
+  cuDNN custom calls that its cost analysis counts as 0 FLOPs) and memory of the compiled step
+  (per device); {} where the backend gives none."""
   out = {}
   try:
-    cost = compiled.cost_analysis()
+    cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops"):
       out["flops"] = float(cost["flops"])
@@ -146,9 +149,10 @@ def train_step(spec: dict, config_root: str) -> dict:
   for options in variants:
     start = time.perf_counter()
     state, acc = make_state(), make_acc()
-    compiled = step.lower(state, acc, batches[0]).compile(compiler_options=options or None)
-    runs.append({"options": options, "compiled": compiled, "state": state, "acc": acc,
-                 "compile_s": time.perf_counter() - start, "rounds": []})
+    lowered = step.lower(state, acc, batches[0])
+    compiled = lowered.compile(compiler_options=options or None)
+    runs.append({"options": options, "lowered": lowered, "compiled": compiled, "state": state,
+                 "acc": acc, "compile_s": time.perf_counter() - start, "rounds": []})
   for run in runs:
     def one(i, run=run):
       run["state"], run["acc"] = run["compiled"](run["state"], run["acc"], batches[i % 2])
@@ -166,7 +170,7 @@ def train_step(spec: dict, config_root: str) -> dict:
   out_variants = []
   for run in runs:
     step_s = float(np.median(run["rounds"]))
-    cost = _cost(run["compiled"])
+    cost = _cost(run["lowered"], run["compiled"])
     entry = {"options": run["options"], "img_per_s": batch_size / step_s, "step_ms": 1e3 * step_s,
              "round_ms": [1e3 * r for r in run["rounds"]], "compile_s": run["compile_s"], **cost}
     if peak and "flops" in cost:
@@ -267,9 +271,17 @@ def _data_config(spec: dict, config_root: str):
   return config
 
 
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process (all its threads, not its worker processes)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def pipeline(spec: dict, config_root: str) -> dict:
   """Images/s the training iterator delivers (augmented, on the devices), ``workers`` Grain
-  worker processes; from synthetic phantoms or ``data_dir`` shards."""
+  worker processes; from synthetic phantoms or ``data_dir`` shards. main_cpu_ms_per_img: CPU
+  time of the consuming process per image: with workers, 1 / it bounds the images/s that any
+  number of workers can deliver."""
   from cxr_jax.data import pipeline as pipe  # pylint: disable=import-outside-toplevel
   from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
   config = _data_config(spec, config_root)
@@ -279,12 +291,17 @@ def pipeline(spec: dict, config_root: str) -> dict:
                                 sharding=parallel.data_sharding(mesh), seed=0, shuffle=True,
                                 num_epochs=None, drop_remainder=True)
   try:
+    next(iterator)
+    cpu_start = _cpu_seconds()
     t = timing.time_steps(lambda i: next(iterator)["image"], jax.block_until_ready,
                           warmup=spec.get("warmup", 2), repeats=spec.get("repeats", 3),
                           steps=spec.get("steps", 5))
+    cpu = _cpu_seconds() - cpu_start
   finally:
     iterator.close()
+  batches_taken = spec.get("warmup", 2) + spec.get("repeats", 3) * spec.get("steps", 5)
   return {"img_per_s": batch / t["step_s"], "step_ms": 1e3 * t["step_s"], "batch": batch,
+          "main_cpu_ms_per_img": 1e3 * cpu / (batches_taken * batch),
           "workers": spec.get("workers", 0), "image_size": config.data.image_size,
           "source": config.data.get("data_dir") or "synthetic phantoms"}
 
@@ -410,8 +427,9 @@ def bilinear_memory(spec: dict, config_root: str) -> dict:
     loss = lambda p, a, b: losses.bce(head.apply(p, a, b), labels, jnp.ones_like(labels))
     return jax.grad(loss, argnums=(0, 1, 2))(params, f1, f2)
 
-  compiled = step.lower(params, f, f).compile()
-  cost = _cost(compiled)
+  lowered = step.lower(params, f, f)
+  compiled = lowered.compile()
+  cost = _cost(lowered, compiled)
   before = memory.host_peak()["maxrss_self_mb"]
   jax.block_until_ready(compiled(params, f, f))
   after = memory.host_peak()["maxrss_self_mb"]

@@ -305,6 +305,7 @@ def _notes(fig: dict) -> str:
     notes.append(f"{json.dumps(v['options'])}: {v['img_per_s'] / base['img_per_s']:.2f}x")
   for key, label in (("idle_fraction", "device idle {:.0%}"),
                      ("next_wait_fraction", "in next() {:.0%}"),
+                     ("main_cpu_ms_per_img", "consumer CPU {:.2f} ms/img"),
                      ("temp_mb", "XLA temp {:,.0f} MB"),
                      ("naive_outer_product_mb", "[N,L,d,d] would be {:,.0f} MB"),
                      ("seconds", "{:,.0f} s"), ("compile_s", "compile {:.0f} s")):

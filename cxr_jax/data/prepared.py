@@ -6,8 +6,10 @@ command) reads an official download with its reader
 ``image_size`` x ``image_size`` uint8 gray, PNG-encodes it and writes it with
 its annotations as ``tfds.features`` examples into ArrayRecord shards, in
 parallel over CPU cores. ``make_source(data_config, split)`` reads it back
-through ``tfds.builder_from_directory(...).as_data_source`` (no TensorFlow at
-training time) and cuts our patient-level splits on top of the official ones.
+with ``StoredExamples`` (array_record and the pure-Python Example parser of
+``example_proto``: neither TensorFlow nor TFDS is imported at training time;
+``tfds.builder_from_directory(...).as_data_source`` reads the same folder) and
+cuts our patient-level splits on top of the official ones.
 
 Layout (TFDS's, so ``tfds.builder_from_directory`` and the builders of
 ``cxr_jax.data.tfds`` agree)::
@@ -93,7 +95,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from cxr_jax.data import schema, splits
+from cxr_jax.data import example_proto, schema, splits
 from cxr_jax.data.sources import records as records_lib
 
 VERSION = "1.0.0"
@@ -526,14 +528,95 @@ def assemble_example(image: np.ndarray, fields: dict, stored: schema.LabelSpace,
   }
 
 
+class StoredExamples:
+  """The raw examples of a prepared folder, read from its ArrayRecord shards without TFDS.
+
+  ``stored[i]`` (i over the stored splits in ``SPLITS`` order, each split's
+  shards in order: TFDS' numbering) is what
+  ``tfds.builder_from_directory(folder).as_data_source(split,
+  decoders={'image': tfds.decode.SkipDecoding()})[local]`` returns: Tensor
+  features as numpy arrays, Text and the encoded image as bytes
+  (``example_proto``). Shard names and lengths come from ``dataset_info.json``,
+  the features from ``features.json``. Shards open lazily (also after
+  pickling into Grain workers); a missing, truncated or corrupt shard or
+  record raises ``schema.ExampleError`` naming the shard file and record.
+  """
+
+  def __init__(self, folder: str):
+    self.folder = folder
+    info_path = os.path.join(folder, "dataset_info.json")
+    with open(info_path) as f:
+      info = json.load(f)
+    if info.get("fileFormat", "tfrecord") != "array_record":
+      raise ValueError(f"{info_path}: shards are {info.get('fileFormat', 'tfrecord')!r}, this "
+                       f"reader reads 'array_record' (cxr-prepare, or tfds build "
+                       f"--file_format=array_record)")
+    self.name = info["name"]
+    self.fields = example_proto.read_features(os.path.join(folder, "features.json"))
+    by_name = {s["name"]: s for s in info.get("splits", ())}
+    self.splits = [s for s in SPLITS if s in by_name]
+    self.paths, lengths, self.split_lengths = [], [], {}
+    for split in self.splits:
+      shard_lengths = [int(n) for n in by_name[split].get("shardLengths", ())]
+      self.split_lengths[split] = sum(shard_lengths)
+      template = by_name[split].get("filepathTemplate",
+                                    "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}")
+      for i, length in enumerate(shard_lengths):
+        name = (template.replace("{DATASET}", self.name).replace("{SPLIT}", split)
+                .replace("{FILEFORMAT}", "array_record")
+                .replace("{SHARD_X_OF_Y}", f"{i:05d}-of-{len(shard_lengths):05d}"))
+        if "{" in name:
+          raise ValueError(f"{info_path}: split {split!r} has file template {template!r}; "
+                           f"readable: {{DATASET}} {{SPLIT}} {{FILEFORMAT}} {{SHARD_X_OF_Y}}")
+        self.paths.append(os.path.join(folder, name))
+        lengths.append(length)
+    self.starts = np.cumsum([0] + lengths)   # first example of each shard; the total last
+    self._readers = {}
+
+  def __getstate__(self):
+    return {**self.__dict__, "_readers": {}}
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def _reader(self, shard: int):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    path = self.paths[shard]
+    if not os.path.isfile(path):
+      raise schema.ExampleError(f"{path}: shard file missing (listed in {self.folder}/"
+                                f"dataset_info.json; prepare again)")
+    reader = array_record_module.ArrayRecordReader(path, "readahead_buffer_size:0",
+                                                   file_reader_buffer_size=32768)
+    expected = int(self.starts[shard + 1] - self.starts[shard])
+    if not reader.ok() or reader.num_records() != expected:
+      state = "unreadable" if not reader.ok() else f"holds {reader.num_records()} records"
+      raise schema.ExampleError(f"{path}: {state}, dataset_info.json says {expected} "
+                                f"(truncated or corrupt shard: prepare again)")
+    self._readers[shard] = reader
+    return reader
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"index {index} out of range [0, {len(self)}) of {self.folder}")
+    shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+    record = index - int(self.starts[shard])
+    reader = self._readers.get(shard) or self._reader(shard)
+    try:
+      data = reader.read([record])[0]
+      return example_proto.decode_features(example_proto.parse_example(data), self.fields)
+    except (RuntimeError, ValueError) as e:
+      raise schema.ExampleError(f"{self.paths[shard]} record {record}: {e}") from e
+
+
 class PreparedSource:
   """Random access over all stored splits of a prepared dataset (train, then val, then test).
 
   ``source[i]`` is a ``schema.Example`` (image decoded to uint8 [S, S], boxes
   and gaze padded) in the label space ``label_space`` (mapped by name from the
   stored one). Attributes from the index, no image read: ``patient_ids``,
-  ``official_splits``, ``image_ids`` (str [N]), ``num_boxes`` (int [N]). The
-  TFDS data sources open lazily (also after pickling into Grain workers).
+  ``official_splits``, ``image_ids`` (str [N]), ``num_boxes`` (int [N]).
+  Examples are read by ``StoredExamples`` (no TensorFlow / TFDS import).
   """
 
   def __init__(self, folder: str, label_space: schema.LabelSpace | None = None):
@@ -550,16 +633,11 @@ class PreparedSource:
     self.num_boxes = np.array([n for p in parts for n in p["num_boxes"]], dtype=np.int64)
     self.official_splits = np.repeat(self.splits, [len(p["image_id"]) for p in parts])
     self.offsets = np.cumsum([0] + [len(p["image_id"]) for p in parts])
-    self._sources = None
-
-  def __getstate__(self):
-    return {**self.__dict__, "_sources": None}
-
-  def _open(self):
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    builder = tfds.builder_from_directory(self.folder)
-    self._sources = {s: builder.as_data_source(s, decoders={"image": tfds.decode.SkipDecoding()})
-                     for s in self.splits}
+    self.stored = StoredExamples(folder)
+    indexed = {s: len(p["image_id"]) for s, p in zip(self.splits, parts)}
+    if indexed != self.stored.split_lengths:
+      raise ValueError(f"{folder}: {INDEX_FILE} lists {indexed} images per split, "
+                       f"dataset_info.json {self.stored.split_lengths} (prepare again)")
 
   def __len__(self) -> int:
     return len(self.image_ids)
@@ -571,11 +649,9 @@ class PreparedSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range [0, {len(self)}) of {self!r}")
-    if self._sources is None:
-      self._open()
     part = int(np.searchsorted(self.offsets, index, side="right") - 1)
     split, local = self.splits[part], index - int(self.offsets[part])
-    raw = self._sources[split][local]
+    raw = self.stored[index]
     origin = f"{self.folder} split {split!r} example {local}"
     fields = dict(raw, image_id=raw["image_id"].decode(), patient_id=raw["patient_id"].decode())
     if fields["image_id"] != self.image_ids[index]:
@@ -640,23 +716,22 @@ def load_index(folder: str) -> dict:
 def scan_index(folder: str) -> dict:
   """The ``cxr_index.json`` payload of a dataset built by ``tfds build`` (which writes none).
 
-  Reads every example's annotations (images are not decoded, but are read
-  from disk): cxr-prepare's index makes this unnecessary.
+  Reads every example's annotations (``StoredExamples``: images are not
+  decoded, but are read from disk): cxr-prepare's index makes this unnecessary.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  builder = tfds.builder_from_directory(folder)
-  dataset = builder.info.name.removeprefix("cxr_")
+  stored = StoredExamples(folder)
+  dataset = stored.name.removeprefix("cxr_")
   space = reader_module(dataset).LABEL_SPACE
   space = schema.get_label_space(space) if isinstance(space, str) else space
-  index = {}
-  for split in (s for s in SPLITS if s in builder.info.splits):
-    source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
-    rows = [source[i] for i in range(len(source))]
+  index, start = {}, 0
+  for split in stored.splits:
+    rows = [stored[i] for i in range(start, start + stored.split_lengths[split])]
+    start += len(rows)
     index[split] = dict(image_id=[r["image_id"].decode() for r in rows],
                         patient_id=[r["patient_id"].decode() for r in rows],
                         num_boxes=[int(len(r["box_labels"])) for r in rows])
   return dict(dataset=dataset, label_space=space.name, classes=list(space.classes),
-              image_size=int(builder.info.features["image"].shape[0]), splits=index)
+              image_size=stored.fields["image"].shape[0], splits=index)
 
 
 def split_indices(patient_ids: np.ndarray, official_splits: np.ndarray, has_boxes: np.ndarray,

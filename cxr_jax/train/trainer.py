@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from clu import metric_writers, periodic_actions
 from flax import traverse_util
 
 from cxr_jax.methods.base import EarlyStopping, LossContext, Method, PrepareContext, Stage
@@ -233,6 +232,9 @@ class _Run:
   """The state of one ``train_and_evaluate`` call shared by its stages."""
 
   def __init__(self, config, workdir, method, model, make_iterator, evaluate, mesh, stages):
+    # clu's writers import TensorFlow: only a run needs them, not the step (cxr-bench on a
+    # machine without TensorFlow builds steps from this module).
+    from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
     self.config, self.workdir, self.method, self.model = config, workdir, method, model
     self.make_iterator, self.evaluate, self.mesh, self.stages = make_iterator, evaluate, mesh, stages
     self.writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
