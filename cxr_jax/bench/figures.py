@@ -59,18 +59,23 @@ def _stage(stages, name: str | None):
   raise KeyError(f"no stage {name!r}; stages: {[s.name for s in stages]}")
 
 
-def _cost(lowered, compiled) -> dict:
-  """XLA's FLOPs (of the lowered, unoptimized HLO: on GPU the compiled step's convolutions are
-  cuDNN custom calls that its cost analysis counts as 0 FLOPs) and memory of the compiled step
-  (per device); {} where the backend gives none."""
-  out = {}
+def host_flops(fn, *args) -> float | None:
+  """FLOPs of ``fn(*args)`` per XLA's analysis of its unoptimized HLO lowered for the host CPU
+  (the model's FLOPs: a GPU backend's analysis reports none through the PJRT plugin, and counts
+  cuDNN convolutions as 0 once compiled); None where XLA gives none."""
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
   try:
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if cost and cost.get("flops"):
-      out["flops"] = float(cost["flops"])
-  except Exception:  # pylint: disable=broad-except  (backends without cost analysis)
-    pass
+    with jax.default_device(jax.devices("cpu")[0]):
+      cost = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cpu",)).cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (no cost analysis: no MFU)
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def _cost(compiled, flops: float | None = None) -> dict:
+  """``flops`` (``host_flops``) and XLA's memory of the compiled step (per device)."""
+  out = {"flops": flops} if flops else {}
   try:
     mem = compiled.memory_analysis()
     out["temp_mb"] = mem.temp_size_in_bytes / MB
@@ -81,7 +86,8 @@ def _cost(lowered, compiled) -> dict:
 
 
 def build_train_step(spec: dict, config_root: str):
-  """(jitted step, make_state, make_acc, batches, stage, config, batch size) of a train-step spec.
+  """(jitted step, make_state, make_acc, batches, stage, config, batch size, FLOPs per step) of a
+  train-step spec.
 
   spec: config/arg/overrides, 'stage' (name; default the first), 'batch',
   optional 'trainable' (regexes) and 'apply_kwargs' replacing the stage's
@@ -132,7 +138,8 @@ def build_train_step(spec: dict, config_root: str):
   zeros = trainer.zero_accumulator(jax.eval_shape(step_fn, state_shape, batches[0])[1])
   train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
   make_acc = lambda: jax.device_put(zeros, parallel.replicated(mesh))
-  return train_step, make_state, make_acc, batches, stage, config, batch_size
+  flops = host_flops(trainer.accumulate(step_fn), state_shape, zeros, batches[0])
+  return train_step, make_state, make_acc, batches, stage, config, batch_size, flops
 
 
 def train_step(spec: dict, config_root: str) -> dict:
@@ -143,16 +150,16 @@ def train_step(spec: dict, config_root: str) -> dict:
   Returns {'img_per_s', 'step_ms', 'flops', 'mfu', 'compile_s', 'stage', 'batch', ...};
   with variants, also 'variants': [{'options', 'img_per_s', 'step_ms'}] (the first is the figure).
   """
-  step, make_state, make_acc, batches, stage, config, batch_size = build_train_step(spec, config_root)
+  step, make_state, make_acc, batches, stage, config, batch_size, flops = build_train_step(
+      spec, config_root)
   variants = spec.get("variants") or [{}]
   runs = []
   for options in variants:
     start = time.perf_counter()
     state, acc = make_state(), make_acc()
-    lowered = step.lower(state, acc, batches[0])
-    compiled = lowered.compile(compiler_options=options or None)
-    runs.append({"options": options, "lowered": lowered, "compiled": compiled, "state": state,
-                 "acc": acc, "compile_s": time.perf_counter() - start, "rounds": []})
+    compiled = step.lower(state, acc, batches[0]).compile(compiler_options=options or None)
+    runs.append({"options": options, "compiled": compiled, "state": state, "acc": acc,
+                 "compile_s": time.perf_counter() - start, "rounds": []})
   for run in runs:
     def one(i, run=run):
       run["state"], run["acc"] = run["compiled"](run["state"], run["acc"], batches[i % 2])
@@ -170,7 +177,7 @@ def train_step(spec: dict, config_root: str) -> dict:
   out_variants = []
   for run in runs:
     step_s = float(np.median(run["rounds"]))
-    cost = _cost(run["lowered"], run["compiled"])
+    cost = _cost(run["compiled"], flops)
     entry = {"options": run["options"], "img_per_s": batch_size / step_s, "step_ms": 1e3 * step_s,
              "round_ms": [1e3 * r for r in run["rounds"]], "compile_s": run["compile_s"], **cost}
     if peak and "flops" in cost:
@@ -315,7 +322,7 @@ def input_idle(spec: dict, config_root: str) -> dict:
   """
   from cxr_jax.data import pipeline as pipe  # pylint: disable=import-outside-toplevel
   from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
-  step, make_state, make_acc, batches, _, config, batch_size = build_train_step(spec, config_root)
+  step, make_state, make_acc, batches, _, config, batch_size, _ = build_train_step(spec, config_root)
   state, acc = make_state(), make_acc()
   compiled = step.lower(state, acc, batches[0]).compile()
   holder = {"state": state, "acc": acc}
@@ -427,9 +434,8 @@ def bilinear_memory(spec: dict, config_root: str) -> dict:
     loss = lambda p, a, b: losses.bce(head.apply(p, a, b), labels, jnp.ones_like(labels))
     return jax.grad(loss, argnums=(0, 1, 2))(params, f1, f2)
 
-  lowered = step.lower(params, f, f)
-  compiled = lowered.compile()
-  cost = _cost(lowered, compiled)
+  compiled = step.lower(params, f, f).compile()
+  cost = _cost(compiled, host_flops(step, params, f, f))
   before = memory.host_peak()["maxrss_self_mb"]
   jax.block_until_ready(compiled(params, f, f))
   after = memory.host_peak()["maxrss_self_mb"]
