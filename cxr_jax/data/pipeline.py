@@ -9,13 +9,19 @@
      IndexSampler + DataLoader sharding silently drops examples when the
      source does not divide evenly (5 records, 2 shards -> [0, 1], [3, 4]),
      which evaluation cannot afford;
-  2. grain ``IndexSampler``: shuffled with ``seed``, a new order every epoch;
-  3. grain map, in ``data_config.worker_count`` worker processes: read, decode,
-     validate (``schema.validate_example``), augment with a per-example rng
-     (grain's ``RandomMapTransform``: Philox keyed by seed + position in the
-     sample stream, so it differs per epoch), render the requested maps;
-  4. batch on the host (per-process batch = batch_size / process count), in
-     sample order, so the output does not depend on ``worker_count``;
+  2. grain ``MapDataset``: shuffled with ``seed``, a new order every epoch
+     (grain's index shuffle keyed by seed + epoch), repeated ``num_epochs``
+     times into one stream of examples;
+  3. per example: read, decode, validate (``schema.validate_example``),
+     augment with a per-example rng (grain's ``random_map``: Philox keyed by
+     seed + position in the stream, so it differs per epoch), render the
+     requested maps;
+  4. batch (per-process batch = batch_size / process count) consecutive
+     stream positions, before any multiprocessing: batch i is a pure function
+     of (seed, i), so the output does not depend on ``worker_count``. With
+     ``data_config.worker_count`` processes, each worker computes whole
+     batches (worker w: batches w, w + W, ...), which reach the consuming
+     process through shared memory and are read back in order;
   5. ``jax.make_array_from_process_local_data`` on the given sharding, then one
      jitted normalization of the uint8 images on the devices (4x less
      host-to-device traffic than float32), ``data_config.prefetch`` batches
@@ -39,6 +45,9 @@ Strings (patient_id, image_id) stay on the host: look them up with
 Finite iteration (``num_epochs``) with ``drop_remainder=False`` pads the last
 batch with ``valid = 0`` rows, and every process yields the same number of
 batches, so a jitted evaluation step sees one shape and never recompiles.
+With ``data_config.skip_bad_examples`` an example that fails to read or
+validate becomes a padding row (``valid = 0``) of its batch, is logged (by the
+process that read it) and counted in ``iterator.num_skipped``.
 """
 
 from __future__ import annotations
@@ -67,8 +76,11 @@ NUMERIC_KEYS = ("labels", "label_mask", "boxes", "box_labels", "gaze")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_PARTS = ("train", "val", "test")
-# grain reader threads per process (its default, 16 threads and 500 buffered
-# records, suits remote files; our sources are in-memory or rendered on the CPU).
+# Batches built at a time, one per thread, by the main process when there are no
+# grain workers (grain's default, 16 threads and 500 buffered elements, suits
+# remote files; our sources are in-memory or local shards and the work is
+# CPU-bound). Each worker process builds one batch at a time: more threads there
+# would only delay its first batch and hold more memory.
 READ_THREADS = 2
 
 
@@ -180,8 +192,8 @@ class _CheckedSource:
   """Reads ``source[start:stop]``: decodes PNG/JPEG bytes, validates; errors name source and index.
 
   Adds ``index`` (into ``source``) and a default ``has_boxes`` of 1. With
-  ``skip_bad`` a bad example becomes ``{'error': message}``, which the batcher
-  skips and counts.
+  ``skip_bad`` a bad example becomes ``{'error': message}``, which ``_Preprocess``
+  turns into a padding row.
   """
 
   def __init__(self, source: Any, start: int, stop: int, num_classes: int, skip_bad: bool):
@@ -228,10 +240,13 @@ class _CheckedSource:
 # Per-example map (runs in grain workers).
 
 class _Preprocess(gp.RandomMapTransform):
-  """Example -> numeric record: augmented (or resized) uint8 image, annotations, maps."""
+  """Example -> numeric record: augmented (or resized) uint8 image, annotations, maps, valid.
+
+  A skipped bad example (``{'error': message}``) is logged and becomes ``padding``.
+  """
 
   def __init__(self, data_config: Any, maps: Sequence[str], aug: Any | None,
-               views: Sequence[Mapping[str, Any]] = ()):
+               views: Sequence[Mapping[str, Any]], padding: dict):
     self.image_size = data_config.image_size
     self.maps = tuple(maps)
     self.grid = data_config.grid_size
@@ -241,10 +256,12 @@ class _Preprocess(gp.RandomMapTransform):
     # A plain namespace: cheap to pickle into the worker processes.
     self.aug = None if aug is None else types.SimpleNamespace(**aug.to_dict())
     self.views = tuple(types.SimpleNamespace(**view) for view in views)
+    self.padding = padding
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     if "error" in example:
-      return example
+      logging.warning("skipping bad example: %s", example["error"])
+      return self.padding
     original = example
     if self.aug is None:
       example = augment_lib.eval_transform(example, self.image_size)
@@ -257,6 +274,7 @@ class _Preprocess(gp.RandomMapTransform):
       out[f"view{i}"] = augment_lib.train_transform(original, rng, view, size)["image"]
     out["has_boxes"] = np.float32(example["has_boxes"])
     out["index"] = np.int32(example["index"])
+    out["valid"] = np.float32(1)
     if "gaze_map" in self.maps:
       out["gaze_map"] = annotations.gaze_heatmap(example["gaze"], size, size,
                                                  self.gaze_sigma)[..., None]
@@ -273,7 +291,7 @@ class _Preprocess(gp.RandomMapTransform):
 # Host batching and device transfer.
 
 def padding_record(data_config: Any, maps: Sequence[str], num_views: int = 0) -> dict:
-  """The record of a padding row (valid = 0): zeros, box_labels -1, index -1."""
+  """The record of a padding row: zeros, box_labels -1, index -1, valid 0."""
   size, grid = data_config.image_size, data_config.grid_size
   num_classes = len(schema.get_label_space(data_config.label_space))
   boxes, box_labels = schema.empty_boxes()
@@ -281,7 +299,7 @@ def padding_record(data_config: Any, maps: Sequence[str], num_views: int = 0) ->
             "label_mask": np.zeros(num_classes, np.float32),
             "boxes": boxes, "box_labels": box_labels, "gaze": schema.empty_gaze(),
             "image": np.zeros((size, size), np.uint8), "has_boxes": np.float32(0),
-            "index": np.int32(-1)}
+            "index": np.int32(-1), "valid": np.float32(0)}
   shapes = {"gaze_map": (size, size, 1), "box_map": (size, size, 1),
             "box_grid": (grid, grid, num_classes)}
   record.update({name: np.zeros(shapes[name], np.float32) for name in maps})
@@ -335,23 +353,27 @@ _END = object()
 
 
 class DeviceIterator:
-  """Batches of global arrays from a grain DataLoader, with prefetch and checkpointable state.
+  """Global-array batches from a grain ``IterDataset`` of host batches; prefetch, checkpoints.
 
   ``get_state()`` describes the batches the caller has *consumed* (prefetched
   ones are replayed after ``set_state``): a JSON-serializable dict
-  {'grain': grain DataLoader state, 'step': batches consumed}.
+  {'grain': grain iterator state, 'step': batches consumed, 'pipeline':
+  ``description``}. ``set_state`` refuses a state of another ``description``
+  (source shard, seed, shuffling, epochs, batch, worker count).
   """
 
-  def __init__(self, loader: gp.DataLoader, source: Any, *, local_batch: int,
+  def __init__(self, dataset: gp.IterDataset, source: Any, *, local_batch: int,
                padding: dict, sharding: jax.sharding.NamedSharding, normalization: str,
                channels: int, prefetch: int, total_steps: int | None, drop_remainder: bool,
-               num_examples: int, steps_per_epoch: int, num_views: int = 0):
+               num_examples: int, steps_per_epoch: int, description: str,
+               num_views: int = 0):
     self.source = source
+    self.description = description
     self._image_keys = ("image",) + tuple(f"view{i}" for i in range(num_views))
     self.num_examples = num_examples
     self.steps_per_epoch = steps_per_epoch
     self.num_skipped = 0
-    self._grain = iter(loader)
+    self._grain = iter(dataset)
     self._local_batch = local_batch
     self._sharding = sharding
     self._normalize = jax.jit(
@@ -361,9 +383,10 @@ class DeviceIterator:
     self._total_steps = total_steps
     self._drop_remainder = drop_remainder
     self._step = 0                      # batches produced
-    self._exhausted = False             # grain has no more examples
+    self._exhausted = False             # grain has no more batches
     self._padding = padding
     self._state = self._snapshot()      # after the last consumed batch
+    self._grain.start_prefetch()        # all workers now, not each at its first batch
     self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
     self._thread: threading.Thread | None = None
     self._stop = threading.Event()
@@ -371,40 +394,39 @@ class DeviceIterator:
 
   # -- host side ---------------------------------------------------------------
   def _snapshot(self) -> dict:
-    return {"grain": json.loads(self._grain.get_state().decode()), "step": self._step}
+    # The JSON round trip copies the state and keeps it checkpointable.
+    return {"grain": json.loads(json.dumps(self._grain.get_state())), "step": self._step,
+            "pipeline": self.description}
 
-  def _next_record(self) -> dict | None:
-    while not self._exhausted:
-      try:
-        record = next(self._grain)
-      except StopIteration:
-        self._exhausted = True
-        break
-      if "error" not in record:
-        return record
-      self.num_skipped += 1
-      logging.warning("skipping bad example (%d so far): %s", self.num_skipped, record["error"])
-    return None
+  def _padded(self, batch: dict | None, rows: int) -> dict:
+    """``batch`` (``rows`` rows, or None) completed to ``local_batch`` rows with padding."""
+    missing = self._local_batch - rows
+    pad = {key: np.repeat(value[None], missing, axis=0) for key, value in self._padding.items()}
+    if batch is None:
+      return pad
+    return {key: np.concatenate([batch[key], pad[key]]) for key in batch}
 
   def _next_host_batch(self) -> tuple[dict, dict]:
     if self._total_steps is not None and self._step >= self._total_steps:
       raise StopIteration
-    rows = []
-    while len(rows) < self._local_batch:
-      record = self._next_record()
-      if record is None:
-        break
-      rows.append(record)
-    if len(rows) < self._local_batch:
+    batch, rows = None, 0
+    if not self._exhausted:
+      try:
+        batch = next(self._grain)
+        rows = len(batch["valid"])
+      except StopIteration:
+        self._exhausted = True
+    skipped = rows - int(np.count_nonzero(batch["valid"])) if rows else 0
+    if skipped:
+      self.num_skipped += skipped
+      logging.warning("batch %d: skipped %d bad examples (%d so far)", self._step, skipped,
+                      self.num_skipped)
+    if rows < self._local_batch:
       # Out of data: a partial (or, on a process with a smaller shard, empty)
       # batch is padded unless dropped; finite iteration stops at total_steps.
       if self._drop_remainder or self._total_steps is None:
         raise StopIteration
-    valid = np.zeros(self._local_batch, np.float32)
-    valid[:len(rows)] = 1
-    rows += [self._padding] * (self._local_batch - len(rows))
-    batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-    batch["valid"] = valid
+      batch = self._padded(batch, rows)
     self._step += 1
     return batch, self._snapshot()
 
@@ -482,8 +504,11 @@ class DeviceIterator:
 
   def set_state(self, state: Mapping[str, Any]):
     """Resumes after the batches described by ``state`` (from ``get_state``)."""
+    if state.get("pipeline") != self.description:
+      raise ValueError(f"the iterator state is of another pipeline: {state.get('pipeline')!r}; "
+                       f"this iterator: {self.description!r}")
     self._stop_thread()
-    self._grain.set_state(json.dumps(state["grain"]).encode())
+    self._grain.set_state(copy.deepcopy(state["grain"]))
     self._step = int(state["step"])
     self._state = copy.deepcopy(dict(state))
     self._exhausted = self._finished = False
@@ -496,8 +521,7 @@ class DeviceIterator:
     """Stops the prefetch thread and the grain worker processes."""
     self._stop_thread()
     if self._grain is not None:
-      # grain 0.2's DataLoaderIterator has no close(); its dataset iterator has.
-      self._grain._iterator.close()  # pylint: disable=protected-access
+      self._grain.close()
       self._grain = None
       self._log_skipped()
 
@@ -566,21 +590,30 @@ def make_iterator(data_config: Any, split: str, *, batch_size: int,
   num_classes = len(schema.get_label_space(data_config.label_space))
   reader = _CheckedSource(source, start, stop, num_classes,
                           getattr(data_config, "skip_bad_examples", False))
-  sampler = gp.IndexSampler(num_records=len(reader), shard_options=gp.NoSharding(),
-                            shuffle=shuffle, num_epochs=num_epochs, seed=seed)
   if data_config.worker_count and not flags.FLAGS.is_parsed():
     # grain 0.2.18 reads an absl flag when starting workers (google/grain#1355);
     # scripts and tests that do not run absl.app have not parsed flags yet.
     flags.FLAGS.mark_as_parsed()
   aug = None if not augment else (data_config.augment if aug_config is None else aug_config)
   views = [view_augment(data_config.augment, view) for view in views]
-  loader = gp.DataLoader(data_source=reader, sampler=sampler,
-                         operations=[_Preprocess(data_config, maps, aug, views)],
-                         worker_count=data_config.worker_count,
-                         worker_buffer_size=max(1, local_batch // max(data_config.worker_count, 1)),
-                         shard_options=gp.NoSharding(),
-                         read_options=gp.ReadOptions(num_threads=READ_THREADS,
-                                                     prefetch_buffer_size=local_batch))
+  padding = padding_record(data_config, maps, len(views))
+  dataset = gp.MapDataset.source(reader)
+  if shuffle:
+    dataset = dataset.shuffle(seed=seed)
+  # Batches span epoch boundaries: batch i holds stream positions [i B, (i + 1) B).
+  dataset = dataset.repeat(num_epochs)
+  dataset = dataset.random_map(_Preprocess(data_config, maps, aug, views, padding), seed=seed)
+  dataset = dataset.batch(local_batch, drop_remainder=drop_remainder)
+  # Each thread builds a whole batch.
+  threads = 1 if data_config.worker_count else READ_THREADS
+  dataset = dataset.to_iter_dataset(gp.ReadOptions(num_threads=threads,
+                                                   prefetch_buffer_size=threads))
+  # Worker w builds batches w, w + W, ... and holds one finished batch in shared
+  # memory; the main process reads them back in order.
+  dataset = dataset.mp_prefetch(gp.MultiprocessingOptions(num_workers=data_config.worker_count,
+                                                          per_worker_buffer_size=1))
+  description = (f"{reader!r}, seed {seed}, shuffle {shuffle}, {num_epochs} epochs, "
+                 f"batch {local_batch}, {data_config.worker_count} workers")
   # All processes run the same number of steps (shards differ by at most one example).
   largest = -(-num_examples // process_count) if not drop_remainder else len(reader)
   if drop_remainder:
@@ -589,9 +622,10 @@ def make_iterator(data_config: Any, split: str, *, batch_size: int,
   else:
     steps_per_epoch = -(-largest // local_batch)
     total_steps = None if num_epochs is None else -(-num_epochs * largest // local_batch)
-  return DeviceIterator(loader, source, local_batch=local_batch,
-                        padding=padding_record(data_config, maps, len(views)), sharding=sharding,
-                        normalization=data_config.normalization, channels=data_config.channels,
+  return DeviceIterator(dataset, source, local_batch=local_batch, padding=padding,
+                        sharding=sharding, normalization=data_config.normalization,
+                        channels=data_config.channels,
                         prefetch=data_config.prefetch, total_steps=total_steps,
                         drop_remainder=drop_remainder, num_examples=num_examples,
-                        steps_per_epoch=steps_per_epoch, num_views=len(views))
+                        steps_per_epoch=steps_per_epoch, num_views=len(views),
+                        description=description)
