@@ -10,6 +10,11 @@ Every (variant, unannotated fraction, fold) is one run of configs/patch_loc.py
 WORKDIR_ROOT/<variant>-un<fraction>-fold<fold>/, trained in this process one
 after the other (``trainer.train_and_evaluate``); a run whose eval/test.json
 already holds the patch report is reused, so a stopped benchmark resumes.
+A '+crf' run whose workdir has no checkpoint starts from the last checkpoint
+of its finished base run in the same root (e.g. rozenberg-un0-fold0 for
+rozenberg+crf-un0-fold0): the stages before 'crf' are the same (same config,
+seeds and data order), so only the CRF stage trains and the two rows compare
+the CRF against the very unary model it refines.
 ``--run_folds`` runs only some folds (e.g. 0,1 on a slow machine); the table
 says how many folds each cell averages.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -56,6 +62,26 @@ def read_patch_report(workdir: str) -> dict | None:
     return None
   with open(path) as f:
     return json.load(f).get("localization", {}).get("patch")
+
+
+def start_from_base_run(workdir: str, base_workdir: str) -> bool:
+  """Copies the newest checkpoint of the finished run ``base_workdir`` into ``workdir``.
+
+  Only when ``workdir`` has no checkpoint and the base run has its patch report.
+  Returns whether a checkpoint was copied.
+  """
+  target = os.path.join(workdir, "checkpoints")
+  source = os.path.join(base_workdir, "checkpoints")
+  if os.path.isdir(target) or read_patch_report(base_workdir) is None or not os.path.isdir(source):
+    return False
+  steps = [int(name) for name in os.listdir(source) if name.isdigit()]
+  if not steps:
+    return False
+  os.makedirs(target)
+  tmp = os.path.join(target, f".copy.{os.getpid()}")
+  shutil.copytree(os.path.join(source, str(max(steps))), tmp)
+  os.replace(tmp, os.path.join(target, str(max(steps))))
+  return True
 
 
 def average_folds(reports: list[dict]) -> dict:
@@ -131,7 +157,10 @@ def main(argv=None):
         config = run_config(args.config_arg, variant, args.folds, fold, unannotated, overrides)
         classes = schema.get_label_space(config.data.label_space).boxed
         if read_patch_report(workdir) is None:
-          print(f"== {workdir}", flush=True)
+          base = os.path.join(args.workdir_root,
+                              f"{variant.split('+')[0]}-un{unannotated:g}-fold{fold}")
+          reused = variant.endswith("+crf") and start_from_base_run(workdir, base)
+          print(f"== {workdir}" + (f" (CRF stage from {base})" if reused else ""), flush=True)
           trainer.train_and_evaluate(config, workdir)
         reports[fold] = read_patch_report(workdir)
         if reports[fold] is None:

@@ -45,10 +45,11 @@ def test_mean_field_matches_float64_loop():
 
 
 def test_window_larger_than_grid_sees_only_grid_patches():
-  """A 19 x 19 window on a 4 x 4 grid: every other patch is a neighbour, nothing outside."""
+  """A 19 x 19 window on a 3 x 5 grid (clipped to 5 x 9 offsets): every other patch is a
+  neighbour with its own offset's W, nothing outside."""
   rng = np.random.default_rng(1)
-  unary = rng.normal(0, 1, (1, 4, 4, 2)).astype(np.float32)
-  features = rng.normal(0, 0.5, (1, 4, 4, 3)).astype(np.float32)
+  unary = rng.normal(0, 1, (1, 3, 5, 2)).astype(np.float32)
+  features = rng.normal(0, 0.5, (1, 3, 5, 3)).astype(np.float32)
   compatibility = rng.normal(0, 0.2, (19 * 19, 2, 2)).astype(np.float32)
   got = pac_crf.mean_field(jnp.asarray(unary), jnp.asarray(features), jnp.asarray(compatibility),
                            19, 2)

@@ -1,6 +1,8 @@
 """Li 2018 / Rozenberg 2020: log-space Li loss, Eq. 12, threshold alternation, method end to end."""
 
+import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -285,3 +287,22 @@ def test_rozenberg_with_crf_trains_and_writes_patch_accuracy(tmp_path):
 def test_nih_config_defaults_to_512_px_but_keeps_a_given_size():
   assert patch_loc_config.get_config("dataset=nih").data.image_size == 512
   assert patch_loc_config.get_config("dataset=nih,size=128").data.image_size == 128
+
+
+def test_crf_run_starts_from_the_finished_base_runs_newest_checkpoint(tmp_path):
+  """benchmarks/patch_loc_cv.py: rozenberg+crf reuses rozenberg's unary checkpoint, once."""
+  spec = importlib.util.spec_from_file_location(
+      "patch_loc_cv", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "patch_loc_cv.py"))
+  cv = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cv)
+  base, crf = tmp_path / "rozenberg-un0-fold0", tmp_path / "rozenberg+crf-un0-fold0"
+  for step in (200, 350):
+    (base / "checkpoints" / str(step) / "state").mkdir(parents=True)
+    (base / "checkpoints" / str(step) / "state" / "d").write_text(f"step {step}")
+  assert not cv.start_from_base_run(str(crf), str(base))       # base run not evaluated yet
+  (base / "eval").mkdir()
+  (base / "eval" / "test.json").write_text(json.dumps({"localization": {"patch": {}}}))
+  assert cv.start_from_base_run(str(crf), str(base))
+  assert os.listdir(crf / "checkpoints") == ["350"]
+  assert (crf / "checkpoints" / "350" / "state" / "d").read_text() == "step 350"
+  assert not cv.start_from_base_run(str(crf), str(base))       # never over its own checkpoints

@@ -223,6 +223,10 @@ def test_registry_config_and_cam_target():
     vkd_config.get_config("bogus=1")
   method = get_method("vkd")
   assert isinstance(method, vkd.VKD)
+  phantoms = vkd_config.get_config("width=0.25")   # 96 px: a 3 x 3 map for Grad-CAM
+  base, prior = method.stages(phantoms)
+  assert phantoms.data.image_size == 96 and phantoms.vkd.beta != phantoms.vkd.stage2.beta
+  assert (base.loss.args[0], prior.loss.args[0]) == (phantoms.vkd.beta, phantoms.vkd.stage2.beta)
   bad = vkd_config.get_config("runlocal,release=encoder_only")
   with pytest.raises(ValueError, match="config.vkd.release"):
     method.stages(bad)

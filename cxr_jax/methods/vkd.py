@@ -4,8 +4,9 @@ Model: ``cxr_jax.models.vkd.VKDModel`` (posterior q(z|x) via CH1 -> CH2,
 classifier p(y|z,x), prior p(z|c) from a second encoder of the annotation map).
 
 Loss (Eq. 3 / 4): BCE(y, p(y|z,x)) averaged over ``vkd.train_samples``
-reparameterised samples of z, plus ``vkd.beta`` * KL(q(z|x) || prior), the KL
-in closed form (``losses.gaussian_kl``), averaged over the batch.
+reparameterised samples of z, plus beta * KL(q(z|x) || prior), the KL in
+closed form (``losses.gaussian_kl``), averaged over the batch; beta is
+``vkd.beta`` in stage 1 (Eq. 3) and ``vkd.stage2.beta`` in stage 2 (Eq. 4).
 
 Stages (Sec. 3.3):
   'base'   on split 'train' (all images, labels only), prior N(0, I), encoder,
@@ -163,7 +164,7 @@ class VKD:
         data=DataSpec(split="train"),
         eval_every=config.eval_every, early_stopping=stop)
     prior = Stage(
-        name="prior", loss=functools.partial(vkd_loss, v.beta, v.train_samples, maps),
+        name="prior", loss=functools.partial(vkd_loss, v.stage2.beta, v.train_samples, maps),
         steps=v.stage2.steps, optimizer=v.stage2.optimizer,
         trainable=trainable_regexes(released),
         data=DataSpec(split=v.stage2.split, maps=maps, overrides=stage2_overrides(config)),
