@@ -58,7 +58,7 @@ import json
 import queue
 import threading
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import flags
@@ -540,6 +540,30 @@ def view_augment(base: Any, overrides: Mapping[str, Any]) -> dict:
     raise KeyError(f"view augmentation fields {unknown} are not in config.data.augment; "
                    f"known: {sorted(fields)}")
   return {**fields, **overrides}
+
+
+def first_rows(batches: DeviceIterator, to_host: Callable[[dict], dict],
+               keep: Callable[[dict], np.ndarray], max_rows: int) -> dict[str, np.ndarray]:
+  """The first ``max_rows`` rows, in order, of ``to_host(batch)`` (dicts of numpy [N, ...]
+  arrays) whose ``keep(host)`` mask [N] is true and that are real (``host['valid'] > 0``);
+  'valid' itself is dropped. Stops reading at ``max_rows`` and closes ``batches``.
+  Returns {} when no row is kept."""
+  parts: dict[str, list[np.ndarray]] = {}
+  kept = 0
+  try:
+    for batch in batches:
+      host = to_host(batch)
+      mask = (np.asarray(host["valid"]) > 0) & keep(host)
+      mask &= np.cumsum(mask) <= max_rows - kept
+      kept += int(mask.sum())
+      for k, v in host.items():
+        if k != "valid":
+          parts.setdefault(k, []).append(np.asarray(v)[mask])
+      if kept >= max_rows:
+        break
+  finally:
+    batches.close()
+  return {k: np.concatenate(v) for k, v in parts.items()} if kept else {}
 
 
 def make_iterator(data_config: Any, split: str, *, batch_size: int,

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
 from cxr_jax import cam
-from cxr_jax.data import schema
+from cxr_jax.data import pipeline, schema
 from cxr_jax.evaluation import evaluator, localization, report
 
 CAM_TITLES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "scorecam": "Score-CAM"}
@@ -101,25 +101,14 @@ def boxed_images(config, split: str, max_images: int, *, mesh, make_iterator=Non
   batches = make_iterator(config.data, split, batch_size=config.eval_batch_size,
                           sharding=NamedSharding(mesh, P("data")), seed=config.seed, shuffle=False,
                           num_epochs=1, drop_remainder=False, augment=False)
-  parts: dict[str, list[np.ndarray]] = {}
-  kept = 0
-  try:
-    for batch in batches:
-      host = jax.device_get({k: batch[k] for k in ("image", "boxes", "box_labels", "index",
-                                                    "valid")})
-      keep = (np.asarray(host["valid"]) > 0) & np.isin(host["box_labels"], boxed).any(axis=1)
-      keep &= np.cumsum(keep) <= max_images - kept
-      kept += int(keep.sum())
-      for k in ("image", "boxes", "box_labels", "index"):
-        parts.setdefault(k, []).append(np.asarray(host[k])[keep])
-      if kept >= max_images:
-        break
-  finally:
-    batches.close()
-  if kept == 0:
+  rows = pipeline.first_rows(
+      batches,
+      lambda b: jax.device_get({k: b[k] for k in ("image", "boxes", "box_labels", "index", "valid")}),
+      lambda host: np.isin(host["box_labels"], boxed).any(axis=1), max_images)
+  if not rows:
     raise ValueError(f"split {split!r} has no image with a box of a boxed class "
                      f"(config.byol.cam_split)")
-  return {k: np.concatenate(v) for k, v in parts.items()}
+  return rows
 
 
 def compare_cams(method, model, variables, images: np.ndarray, boxes: np.ndarray,

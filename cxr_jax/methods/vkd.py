@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cxr_jax import cam, losses
-from cxr_jax.data import schema
+from cxr_jax.data import pipeline, schema
 from cxr_jax.methods.base import Batch, DataSpec, EarlyStopping, LossContext, Stage
 from cxr_jax.methods.baseline import label_mask
 from cxr_jax.models.backbones import backbone_from_config
@@ -234,9 +234,7 @@ def collect_cams(method: VKD, model: nn.Module, stage_variables: dict, config, *
   stage name of ``stage_variables``.
   """
   maps = ANNOTATIONS[config.vkd.annotation]
-  if make_iterator is None:
-    from cxr_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    make_iterator = pipeline.make_iterator
+  make_iterator = make_iterator or pipeline.make_iterator
   data = parallel.data_sharding(mesh)
   replicated = parallel.replicated(mesh)
 
@@ -257,30 +255,21 @@ def collect_cams(method: VKD, model: nn.Module, stage_variables: dict, config, *
                           batch_size=config.eval_batch_size, sharding=data, seed=config.seed,
                           shuffle=False, num_epochs=1, drop_remainder=False, maps=maps,
                           augment=False)
-  parts: dict[str, list[np.ndarray]] = {}
-  kept = 0
-  try:
-    for batch in batches:
-      c = annotation_map(batch, maps)[..., 0]
-      outs = {name: cams_fn(v, batch["image"], batch["labels"]) for name, v in stage_variables.items()}
-      host = jax.device_get({"annotation": c, "index": batch["index"], "labels": batch["labels"],
-                             "image": batch["image"][..., 0], "boxes": batch["boxes"],
-                             "box_labels": batch["box_labels"], "valid": batch["valid"], **outs})
-      keep = ((host["valid"] > 0) & (host["annotation"].max(axis=(1, 2)) > 0)
-              & (host["labels"].max(axis=1) > 0))
-      keep &= np.cumsum(keep) <= config.vkd.cam_max_images - kept
-      kept += int(keep.sum())
-      for k, v in host.items():
-        if k != "valid":
-          parts.setdefault(k, []).append(np.asarray(v)[keep])
-      if kept >= config.vkd.cam_max_images:
-        break
-  finally:
-    batches.close()
-  if kept == 0:
+  def to_host(batch):
+    c = annotation_map(batch, maps)[..., 0]
+    outs = {name: cams_fn(v, batch["image"], batch["labels"]) for name, v in stage_variables.items()}
+    return jax.device_get({"annotation": c, "index": batch["index"], "labels": batch["labels"],
+                           "image": batch["image"][..., 0], "boxes": batch["boxes"],
+                           "box_labels": batch["box_labels"], "valid": batch["valid"], **outs})
+
+  rows = pipeline.first_rows(
+      batches, to_host,
+      lambda host: (host["annotation"].max(axis=(1, 2)) > 0) & (host["labels"].max(axis=1) > 0),
+      config.vkd.cam_max_images)
+  if not rows:
     raise ValueError(f"split {config.vkd.cam_split!r} (config.vkd.cam_split) has no image with "
                      f"a positive label and a non-empty {config.vkd.annotation!r} map")
-  return {k: np.concatenate(v) for k, v in parts.items()}
+  return rows
 
 
 def write_cam_overlays(cams: dict, out_dir: str, write_overlays, num: int = 16) -> list[str]:
