@@ -52,6 +52,12 @@ def get_config(arg=None):
   c.vkd.annotation = a["annotation"]    # Table 1: 'gaze' | 'boxes' | 'gaze+boxes' (pixelwise max)
   c.vkd.latent_dim = 128                # L, size of z
   c.vkd.hidden = 512                    # CH1 / CH2 / prior MLP width (paper: 512)
+  # The prior encoder reads c at this fraction of the image side (1.0: the paper's
+  # full side). c is smooth (Gaussian box edges / fixations), and stage 2 trains the
+  # prior encoder only, so at 0.25 stage 2 costs the frozen encoder's forward plus a
+  # prior train step on 1/16 of the pixels: 0.39-0.40x stage 1's FLOPs for ResNet-18/50
+  # and DenseNet-121 at 224 px, against 1.33x at 1.0 (issue 11; benchmarks/RESULTS.md).
+  c.vkd.prior_scale = 0.25
   c.vkd.concat_feature = False          # classifier reads z only (True: [z, pooled feature])
   c.vkd.beta = 0.1                      # KL weight of Eq. 3 (stage 1, prior N(0, I)); 1.0 collapses q
   c.vkd.train_samples = 1               # samples of z per image in training; eval: the mean

@@ -129,10 +129,24 @@ def test_two_processes_match_one_process(tmp_path):
     checkpoints.close()
   expected, got = _flat(reference.params), _flat(final.params)
   assert expected.keys() == got.keys()
+  # The two topologies sum gradients in another order, and Adam divides each update by
+  # sqrt(v): where a gradient is near zero that rounding can move an element's update by a
+  # fraction of the learning rate (seen: 8 of 392 stem weights off by 1.2e-4 on an AMD
+  # EPYC). Gradients not averaged over the processes would move most elements by ~lr per
+  # step, so: every element within 0.1 lr per step, 99 % of all within float noise.
+  lr = config.optimizer.learning_rate
+  close = []
   for path, value in expected.items():
-    np.testing.assert_allclose(got[path], value, rtol=1e-4, atol=2e-5, err_msg=path)
+    np.testing.assert_allclose(got[path], value, rtol=0, atol=0.1 * lr * STEPS, err_msg=path)
+    close.append(np.isclose(got[path], value, rtol=1e-4, atol=2e-5).ravel())
+  # BatchNorm statistics inherit those parameter differences (a few 1e-5); statistics not
+  # reduced over the processes would differ by ~1e-2 (half-batch means).
   for path, value in _flat(reference.batch_stats).items():
-    np.testing.assert_allclose(_flat(final.batch_stats)[path], value, rtol=1e-4, atol=1e-5, err_msg=path)
+    got_stats = _flat(final.batch_stats)[path]
+    np.testing.assert_allclose(got_stats, value, rtol=1e-3, atol=1e-4, err_msg=path)
+    close.append(np.isclose(got_stats, value, rtol=1e-4, atol=1e-5).ravel())
+  close = np.concatenate(close)
+  assert close.mean() >= 0.99, (int((~close).sum()), close.size)
 
   # Each process saved its own data-iterator position (it reads its own shard).
   states = meta["data"]

@@ -1,6 +1,7 @@
 """van Sonsbeek 2023 (VKD): KL, reparameterisation, stage losses, freezing through the trainer."""
 
 import json
+import os
 
 import cv2
 import jax
@@ -315,3 +316,45 @@ def test_real_data_presets():
   synthetic = vkd_config.get_config("runlocal")
   assert vkd.VKD().stages(synthetic)[1].data.overrides == {}
   assert vkd.stage2_data_config(synthetic) is synthetic.data
+
+
+def test_stage_two_flops_relative_to_stage_one():
+  """Issue 11's frozen-stage target as model FLOPs (XLA's count of each stage's train step,
+  built by the bench's own builder): with the prior encoder on a 1/4-side map, stage 2
+  (frozen encoder forward + prior network trained) is <= 0.45x stage 1; at the paper's
+  full resolution it is above 1x (the control: the bound can fail)."""
+  from cxr_jax.bench import figures  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  ratio = {}
+  for scale in (0.25, 1.0):
+    flops = {stage: figures.build_train_step(
+        {"config": "vkd", "arg": "backbone=resnet18,size=128,width=0.25", "stage": stage,
+         "overrides": {"vkd.prior_scale": scale, "data.synthetic.num_train": 16}, "batch": 8},
+        root)[-1] for stage in ("base", "prior")}
+    ratio[scale] = flops["prior"] / flops["base"]
+  assert ratio[0.25] <= 0.45 and ratio[1.0] > 1.0, ratio
+
+
+def test_prior_reads_the_antialiased_downsampled_map():
+  """prior_scale = 0.5: p(z|c) equals the full-resolution model's prior on c downsampled by
+  a float64 separable tent filter (antialiased linear resize: the triangle kernel widened
+  by the factor 2, weights renormalized at the borders)."""
+  config = tiny_vkd_config()
+  method = TinyVKD()
+  with config.unlocked():
+    config.data.image_size = 64
+    config.vkd.prior_scale = 0.5
+  model = method.model(config)
+  variables = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 64, 64, 1)))
+  full = model.clone(prior_scale=1.0)
+  c = np.random.default_rng(0).uniform(size=(2, 64, 64, 1))
+  centers = (np.arange(32) + 0.5) * 2.0
+  tent = np.maximum(0.0, 1.0 - np.abs((np.arange(64) + 0.5)[None, :] - centers[:, None]) / 2.0)
+  tent /= tent.sum(axis=1, keepdims=True)                           # [32, 64]
+  box = np.einsum("ij,njkc,lk->nilc", tent, c, tent)
+  got = model.apply(variables, jnp.asarray(c, jnp.float32), method=VKDModel.prior)
+  want = full.apply(variables, jnp.asarray(box, jnp.float32), method=VKDModel.prior)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="prior_scale"):
+    model.clone(prior_scale=0.0).apply(variables, jnp.asarray(c, jnp.float32), method=VKDModel.prior)

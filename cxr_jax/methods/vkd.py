@@ -14,8 +14,10 @@ Stages (Sec. 3.3):
   'prior'  on split ``vkd.stage2.split`` ('annotated_train') of
            ``vkd.stage2.dataset`` ('' = ``data.name``; MIMIC: 'reflacx' or
            'egd') with the annotation map c of ``vkd.annotation``, prior
-           p(z|c); the parts ``vkd.release`` names are trained, the rest frozen
-           (a frozen encoder runs BatchNorm on its running averages).
+           p(z|c) (its encoder reads c at ``vkd.prior_scale`` of the image
+           side, ``models.vkd.prior_input_size``); the parts ``vkd.release``
+           names are trained, the rest frozen (a frozen encoder runs BatchNorm
+           on its running averages).
            ``RELEASES`` holds Table 4's four rows.
 Both evaluate on 'val' every ``eval_every`` steps, stop early after
 ``vkd.patience`` evaluations without a 1 % improvement of the mean AUROC, and
@@ -144,7 +146,7 @@ class VKD:
     return VKDModel(encoder=self.backbone(config), prior_encoder=self.backbone(config),
                     num_classes=len(schema.get_label_space(config.data.label_space)),
                     latent_dim=v.latent_dim, hidden=v.hidden, concat_feature=v.concat_feature,
-                    image_channels=config.data.channels)
+                    image_channels=config.data.channels, prior_scale=v.prior_scale)
 
   def stages(self, config: ml_collections.ConfigDict) -> list[Stage]:
     v = config.vkd

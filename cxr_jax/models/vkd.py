@@ -7,7 +7,10 @@ Classifier p(y|z, x): one Dense layer on z (or on [z, pooled image feature]
 when ``concat_feature``) -> K logits.
 Prior p(z|c) (Eq. 4): a second encoder of the same type on the annotation map
 c -> global average pooling -> two-layer MLP (hidden ``hidden``) ->
-(mu_p, logvar_p). Stage 1's prior N(0, I) has no parameters.
+(mu_p, logvar_p). Stage 1's prior N(0, I) has no parameters. The prior encoder
+reads c resized to ``prior_scale`` of the image side (antialiased; at least
+``MIN_PRIOR_SIZE`` px): c is a smooth map, and the prior encoder is the only
+network stage 2 trains through, so its resolution sets stage 2's cost.
 
 Param names (the stage freeze regexes of ``cxr_jax.methods.vkd`` read them):
 ``encoder``, ``ch1``, ``ch2``, ``classifier``, ``prior_encoder``, ``prior_head``.
@@ -21,11 +24,22 @@ import jax.numpy as jnp
 
 from cxr_jax.models.layers import MLP, global_avg_pool
 
+# Smallest side the prior encoder reads: a backbone's five stride-2 stages leave >= 1 x 1.
+MIN_PRIOR_SIZE = 32
+
 
 def split_gaussian(stats: jax.Array) -> tuple[jax.Array, jax.Array]:
   """[..., 2L] -> (mu [..., L], logvar [..., L]) in float32."""
   mu, logvar = jnp.split(stats.astype(jnp.float32), 2, axis=-1)
   return mu, logvar
+
+
+def prior_input_size(image_size: int, scale: float) -> int:
+  """Side of the map the prior encoder reads: round(scale * image_size), at least
+  ``MIN_PRIOR_SIZE`` and at most ``image_size``."""
+  if not 0.0 < scale <= 1.0:
+    raise ValueError(f"config.vkd.prior_scale must be in (0, 1], got {scale}")
+  return min(image_size, max(MIN_PRIOR_SIZE, round(scale * image_size)))
 
 
 def reparameterize(mu: jax.Array, logvar: jax.Array, rng: jax.Array, num_samples: int) -> jax.Array:
@@ -45,6 +59,8 @@ class VKDModel(nn.Module):
     hidden: hidden (and CH1 output) width of the MLPs (paper: 512).
     concat_feature: the classifier reads [z, pooled image feature] instead of z.
     image_channels: C; the one-channel annotation map is repeated to C channels.
+    prior_scale: the prior encoder reads c at this fraction of the image side
+      (``prior_input_size``; 1.0 = the paper's full resolution).
   """
   encoder: nn.Module
   prior_encoder: nn.Module
@@ -53,6 +69,7 @@ class VKDModel(nn.Module):
   hidden: int = 512
   concat_feature: bool = False
   image_channels: int = 1
+  prior_scale: float = 1.0
 
   def setup(self):
     self.ch1 = MLP((self.hidden, self.hidden))
@@ -84,6 +101,11 @@ class VKDModel(nn.Module):
 
   def prior(self, annotation: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """p(z|c): annotation map [N,H,W,1] in [0,1] -> (mu_p [N,L], logvar_p [N,L])."""
+    n, height, width, _ = annotation.shape
+    size = (prior_input_size(height, self.prior_scale), prior_input_size(width, self.prior_scale))
+    if size != (height, width):
+      annotation = jax.image.resize(annotation.astype(jnp.float32), (n, *size, 1), "linear",
+                                    antialias=True)
     c = jnp.broadcast_to(annotation, annotation.shape[:-1] + (self.image_channels,))
     pooled = global_avg_pool(self.prior_encoder(c, train=train).astype(jnp.float32))
     return split_gaussian(self.prior_head(pooled))
