@@ -80,23 +80,31 @@ def gradcam_pair(tag: str, backbone: str, size: int, batch: int, **kw) -> list[d
            "what": f"pytorch-grad-cam, 14 calls (one per class) {backbone} {size}px b{batch}", **kw}]
 
 
-def frozen_pairs(backbone: str, size: int, width: float, batch: int, dtype: str, **kw) -> list[dict]:
-  """Frozen-stage cost: VKD stage 2 ('prior', encoder frozen, prior encoder trained on the
-  annotation map at ``vkd.prior_scale`` of the image side; and at the paper's full side) over
-  stage 1 ('base'), MSML local_fixed 'bilinear' (both streams frozen) over 'streams', and the
-  baseline with a frozen backbone (head only) over the full step; same batch each."""
+def vkd_stage_pair(backbone: str, size: int, width: float, batch: int, dtype: str,
+                   **kw) -> list[dict]:
+  """VKD stage 2 ('prior': encoder and CH1 frozen, the prior encoder trained on the
+  annotation map at ``vkd.prior_scale`` of the image side) over stage 1 ('base'), and
+  stage 2 with the paper's full-side prior; same batch each."""
+  b = lambda stage, name="", **more: train(
+      f"vkd/{name or stage}/{backbone}-{size}", "vkd", backbone, size, width, batch, dtype,
+      stage=stage, **more, **kw)
+  base = (f"vkd/base/{backbone}-{size}", "step_time")
+  full_side = b("prior", "prior_full_side", ratio_to=base)
+  full_side["overrides"] = {**full_side["overrides"], "vkd.prior_scale": 1.0}
+  full_side["what"] += ", prior at the full image side"
+  return [b("base"), b("prior", ratio_to=base), full_side]
+
+
+def frozen_pairs(backbone: str, size: int, width: float, batch: int, dtype: str, *,
+                 vkd: bool = True, **kw) -> list[dict]:
+  """Frozen-stage cost: VKD's stages (``vkd_stage_pair``, unless ``vkd`` is False), MSML
+  local_fixed 'bilinear' (both streams frozen) over 'streams', and the baseline with a
+  frozen backbone (head only) over the full step; same batch each."""
   b = lambda config, stage, extra="", **more: train(
       f"{config}/{stage}/{backbone}-{size}", config, backbone, size, width, batch, dtype,
       extra=extra, stage=stage, **more, **kw)
-  vkd_base = (f"vkd/base/{backbone}-{size}", "step_time")
-  full_prior = b("vkd", "prior", ratio_to=vkd_base)
-  full_prior["overrides"] = {**full_prior["overrides"], "vkd.prior_scale": 1.0}
-  full_prior["name"] = f"vkd/prior_full_side/{backbone}-{size}"
-  full_prior["what"] += ", prior at the full image side"
   return [
-      b("vkd", "base"),
-      b("vkd", "prior", ratio_to=vkd_base),
-      full_prior,
+      *(vkd_stage_pair(backbone, size, width, batch, dtype, **kw) if vkd else []),
       b("msml", "streams", "strategy=local_fixed"),
       b("msml", "bilinear", "strategy=local_fixed",
         ratio_to=(f"msml/streams/{backbone}-{size}", "step_time")),
@@ -152,9 +160,10 @@ def cpu_small(data_dir: str = "") -> list[dict]:
   the input pipeline and the cheap memory figures."""
   quick = {"warmup": 1, "repeats": 3, "steps": 3}
   tiny = dict(backbone="resnet18", size=32, width=0.125, batch=16, dtype="float32")
-  # 128 px, width 0.5: VKD's prior encoder reads a 32 px map (at 32 px it would read 32 px),
-  # and the convolutions are wide enough that FLOPs, not per-op overhead, set the step time.
-  frozen = dict(tiny, size=128, width=0.5)
+  # VKD at 128 px, width 0.5: its prior encoder reads a 32 px map (at 32 px it would read
+  # 32 px), and the convolutions are wide enough that FLOPs, not per-op overhead, set the
+  # step time.
+  vkd = dict(tiny, size=128, width=0.5)
   return [
       *paired("resnet18-128-b16-f32", "resnet18", 128, 16, "float32", **quick),
       train("baseline/resnet18-128-b16-f32/xla-cpu-variants", "baseline", "resnet18", 128, 1.0, 16,
@@ -166,7 +175,8 @@ def cpu_small(data_dir: str = "") -> list[dict]:
       train("baseline/tiny-f32-2dev", "baseline", "resnet18", 64, 0.25, 32, devices=2,
             ratio_to=("baseline/tiny-f32", "img_per_s"), **quick),
       train("msml/train/tiny", "msml", **tiny, **quick),
-      *frozen_pairs(**frozen, **quick),
+      *vkd_stage_pair(**vkd, **quick),
+      *frozen_pairs(**tiny, vkd=False, **quick),
       *gradcam_pair("resnet18-64-b8", "resnet18", 64, 8, repeats=2, steps=1),
       *pipeline_figures(64, 64, (0, 2), data_dir, repeats=2, steps=4),
       idle(64, 32, 0, "resnet18", 0.25, "float32", **quick),
