@@ -66,7 +66,10 @@ def get_config(arg=None):
   ft = b.finetune = ml_collections.ConfigDict()
   ft.steps = 3000
   ft.batch_size = 0                     # 0 = config.batch_size
-  ft.eval_every = 250                   # val AUROC: plateau schedule + best checkpoint
+  ft.eval_every = 250                   # val AUROC -> best checkpoint; plateau fed at each eval
+  # What the plateau schedule watches: 'train_loss' (Sec. IV-b: "four consecutive epochs with no
+  # improvement in training loss"; mean loss since the previous eval) or 'eval' (val AUROC).
+  ft.plateau_signal = "train_loss"
   ft.cam_weight = 0.0                   # CAM loss on the head while fine-tuning (XRV + CAM loss)
   ft.min_learning_rate = 1e-6
   ft.optimizer = ml_collections.ConfigDict(dict(

@@ -14,6 +14,9 @@ import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from cxr_jax.cli import flags as cli_flags  # noqa: E402  (the console scripts' XLA:CPU defaults)
+
+cli_flags.set_cpu_xla_defaults()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402

@@ -8,6 +8,11 @@ import pathlib
 # sharded code paths (mesh over ('data',)) are exercised without accelerators.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The XLA:CPU defaults of the console scripts, so in-process references and CLI subprocesses
+# compile alike (subprocesses inherit them).
+from cxr_jax.cli import flags as cli_flags  # noqa: E402
+
+cli_flags.set_cpu_xla_defaults()
 
 import pytest  # noqa: E402
 

@@ -166,5 +166,7 @@ def test_fitting_eq6_to_a_canonical_phantom_undoes_its_pose():
       alignment.affine_matrix(params))[None])
   assert abs(before["rotation_deg"][0]) > 5 and before["shift"][0] > 0.1   # index 11's pose
   assert abs(after["rotation_deg"][0]) < 1.5
-  assert after["shift"][0] < 0.04   # ~ a pixel (2/64)
+  # 0.13 before; the 4 x 4 grid blur leaves 1-1.5 px (1 px = 2/64): 0.040 / 0.045 after 300
+  # steps with XLA:CPU's default / our YNNPACK setting (float order); a wrong convention >= 0.13.
+  assert after["shift"][0] < 0.05
   assert abs(after["scale"][0] - 1) < 0.03

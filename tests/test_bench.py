@@ -101,3 +101,40 @@ def test_tiny_suite_end_to_end(tmp_path):
 def test_suite_names_are_unique(name):
   specs = suites.SUITES[name]()
   assert len({s["name"] for s in specs}) == len(specs)
+
+
+_YNN_PROBE = """
+import re, sys
+from cxr_jax.cli import flags
+added = flags.set_cpu_xla_defaults() if sys.argv[1] == "ours" else []
+import jax, jax.numpy as jnp
+def loss(x, w):
+  y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return jax.nn.relu(y).sum()
+text = jax.jit(jax.grad(loss)).lower(jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text()
+print(len(added), len(re.findall(r"%ynn_fusion[.0-9]* = ", text)))
+"""
+
+
+def test_cpu_xla_defaults_reach_xla_and_leave_user_flags_alone(monkeypatch):
+  def probe(which):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-c", _YNN_PROBE, which], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]  # XLA aborts on a flag it does not know
+    return [int(v) for v in out.stdout.split()[-2:]]
+
+  from cxr_jax.cli import flags as cli_flags
+  ours, xla = probe("ours"), probe("xla")
+  if ours[0] == 0:
+    pytest.skip("this jaxlib is not one CPU_XLA_FLAGS was measured on")
+  assert ours[0] == len(cli_flags.CPU_XLA_FLAGS)
+  assert ours[1] < xla[1]  # YNNPACK fusions of the convolution's reduction are gone
+
+  env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type= --xla_force_host_platform_device_count=2"}
+  assert cli_flags.set_cpu_xla_defaults(env) == []  # the user's value (even empty) wins
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert cli_flags.set_cpu_xla_defaults(env) and cli_flags.set_cpu_xla_defaults(env) == []
+  assert env["XLA_FLAGS"].split()[0] == "--xla_force_host_platform_device_count=2"
+  monkeypatch.setattr(cli_flags.importlib.metadata, "version", lambda name: "0.99.0")
+  assert cli_flags.set_cpu_xla_defaults({}) == []

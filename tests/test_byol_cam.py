@@ -217,6 +217,7 @@ def test_stages_and_sweep():
   assert pretrain.data.overrides == {"synthetic.seed": 1}
   assert pretrain.apply_kwargs == {"mode": "byol"} and pretrain.update_extras is not None
   assert finetune.select_best and finetune.eval_every > 0
+  assert finetune.plateau_signal == "train_loss"  # Sec. IV-b
   opt = finetune.optimizer
   assert opt.schedule == "plateau" and opt.decay_rate == 0.1 and opt.plateau_patience == 4
   np.testing.assert_allclose(opt.learning_rate * opt.plateau_min_scale, 1e-6)

@@ -11,7 +11,9 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
 import _trainer_worker as w
@@ -156,6 +158,54 @@ def test_two_stages_carry_params_and_freeze(tmp_path):
   for a, b in zip(jax.tree.leaves(jax.device_get(base_state.batch_stats)),
                   jax.tree.leaves(jax.device_get(state.batch_stats))):
     assert np.array_equal(a, b)
+
+
+# Loss per step: three flat evaluation intervals (means 1, 2, 3: two evaluations without
+# improvement, patience 2 -> the rate drops), then a falling one (mean 0.875 / 3).
+STEP_LOSSES = (1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0, 3.0, 0.5, 0.25, 0.125)
+
+
+def _loss_from_table(ctx, params, batch, rng):
+  value, aux = classification_loss("bce", ctx, params, batch, rng)
+  return 0.0 * value + jnp.asarray(STEP_LOSSES)[ctx.step], aux
+
+
+class PlateauOnTrainingLoss(w.TinyBaseline):
+  def __init__(self, signal="train_loss"):
+    self.signal = signal
+
+  def stages(self, config):
+    opt = ml_collections.ConfigDict(dict(config.optimizer.to_dict(), schedule="plateau",
+                                         plateau_patience=2, decay_rate=0.1))
+    return [Stage(name="finetune", loss=_loss_from_table, steps=len(STEP_LOSSES), optimizer=opt,
+                  eval_every=3, plateau_signal=self.signal)]
+
+
+def _plateau_state(state):
+  is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
+  (found,) = [s for s in jax.tree.leaves(state.opt_state, is_leaf=is_plateau) if is_plateau(s)]
+  return jax.device_get(found)
+
+
+def test_plateau_fed_the_mean_training_loss_since_the_last_eval_and_resumes(tmp_path, monkeypatch):
+  # log_every 4 and checkpoint_every 5 cut the evaluation intervals (every 3 steps) apart.
+  config = w.tiny_config(steps=len(STEP_LOSSES))
+  straight = _plateau_state(_train(tmp_path / "straight", config, method=PlateauOnTrainingLoss()))
+  assert float(straight.scale) == pytest.approx(0.1)  # means 2 and 3 did not improve on 1
+  assert float(straight.best_value) == pytest.approx(0.875 / 3)
+  assert int(straight.plateau_count) == 0
+
+  # Preempted at step 11 (checkpoint 11 holds steps 10-11 of the last interval), then resumed.
+  monkeypatch.setattr(parallel, "preemption_requested", lambda step: step == 11)
+  with pytest.raises(parallel.Preempted):
+    _train(tmp_path / "resumed", config, method=PlateauOnTrainingLoss())
+  monkeypatch.undo()
+  resumed = _plateau_state(_train(tmp_path / "resumed", config, method=PlateauOnTrainingLoss()))
+  for field in ("scale", "best_value", "plateau_count"):
+    assert getattr(resumed, field) == getattr(straight, field), field
+
+  with pytest.raises(ValueError, match="stage 'finetune' has plateau_signal 'val_loss'"):
+    _train(tmp_path / "bad", config, method=PlateauOnTrainingLoss("val_loss"))
 
 
 def test_baseline_cam_averages_to_logits_and_registry():

@@ -4,6 +4,8 @@ A figure is a spec dict: 'name' (unique in its suite), 'kind' (``figures.FIGURES
 ``torch_ref.FIGURES``), the figure's own keys (see ``figures``), and optionally
   devices    N > 1: the first N devices (on CPU, N simulated host devices)
   xla_flags  extra XLA_FLAGS for this figure's process
+  xla_defaults  False: without the console scripts' XLA:CPU defaults
+             (``cli.flags.CPU_XLA_FLAGS``), i.e. XLA's own; default True
   ratio_to   (name, 'img_per_s' | 'step_time'): the markdown's ratio column,
              this figure's images/s over that one's, or its step time over that one's
   what       a short description for the table
@@ -24,17 +26,14 @@ import sys
 import tempfile
 
 from cxr_jax.bench import machine, memory
+from cxr_jax.cli import flags as cli_flags
 
-# The CPU fast-path experiment (issue 11): XLA:CPU's default lowers convolutions and dots to
-# YNNPACK fusions; '' for the fusion types turns them off (XLA's own Eigen kernels), and the
-# full list also hands YNNPACK the elementwise ops and reductions (BatchNorm, ReLU).
-CPU_VARIANTS = (
-    {},
-    {"xla_cpu_experimental_ynn_fusion_type": ""},
-    {"xla_cpu_experimental_ynn_fusion_type": ",".join(
-        f"LIBRARY_FUSION_TYPE_{t}" for t in ("INDIVIDUAL_DOT", "INDIVIDUAL_CONVOLUTION",
-                                             "ELTWISE", "REDUCE"))},
-)
+
+# The CPU fast-path experiment (issue 11), compiled in a process without our defaults: XLA's
+# own default (jaxlib 0.10: YNNPACK fusions for dots, convolutions and reductions), our
+# default (YNNPACK for dots only: ``cli.flags.CPU_XLA_FLAGS``), YNNPACK off (XLA's own
+# kernels). YNNPACK for convolutions alone measured as slow as XLA's default (RESULTS.md).
+CPU_VARIANTS = ({}, dict(cli_flags.CPU_XLA_FLAGS), {"xla_cpu_experimental_ynn_fusion_type": ""})
 
 
 def model_arg(backbone: str, size: int, width: float, extra: str = "") -> str:
@@ -167,8 +166,8 @@ def cpu_small(data_dir: str = "") -> list[dict]:
   return [
       *paired("resnet18-128-b16-f32", "resnet18", 128, 16, "float32", **quick),
       train("baseline/resnet18-128-b16-f32/xla-cpu-variants", "baseline", "resnet18", 128, 1.0, 16,
-            variants=list(CPU_VARIANTS), **quick,
-            what="baseline resnet18 w1.0 128px b16: XLA:CPU variants, interleaved"),
+            variants=list(CPU_VARIANTS), xla_defaults=False, **quick,
+            what="baseline resnet18 w1.0 128px b16: XLA:CPU variants vs XLA's own default, interleaved"),
       train("baseline/tiny-f32", "baseline", "resnet18", 64, 0.25, 32, **quick),
       train("baseline/tiny-bf16", "baseline", "resnet18", 64, 0.25, 32, "bfloat16",
             ratio_to=("baseline/tiny-f32", "img_per_s"), **quick),
@@ -258,6 +257,8 @@ def _env(spec: dict) -> dict:
     flags.append(f"--xla_force_host_platform_device_count={spec['devices']}")
   flags += spec.get("xla_flags", "").split()
   env["XLA_FLAGS"] = " ".join(flags)
+  if spec.get("xla_defaults", True):
+    cli_flags.set_cpu_xla_defaults(env)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   return env
 

@@ -121,6 +121,7 @@ def _fmt(value) -> str:
 
 def run():
   cli_flags.add_config_root_to_path(sys.argv)
+  cli_flags.set_cpu_xla_defaults()
   app.run(main)
 
 

@@ -3,13 +3,27 @@
 Config files are plain Python (``configs/x.py``) that import their presets with
 ``from configs import common``; the folder holding ``configs/`` must be on
 ``sys.path`` before absl parses ``--config``, wherever the command runs from.
+
+XLA:CPU defaults (``set_cpu_xla_defaults``): set in the environment before JAX
+creates its CPU client, by cxr-train, cxr-eval, cxr-bench's figure processes and
+the test suite, so that all of them compile alike.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+import re
 import sys
+
+# jaxlib 0.10's XLA:CPU hands convolutions (and reductions) to YNNPACK by default; on a
+# 2-core AMD EPYC the ResNet-18 train step is then 1.5x slower than with XLA's own
+# convolution kernels, while YNNPACK's dots are as fast as the alternatives
+# (benchmarks/RESULTS.md, issue 11). Only for jaxlib releases where this was measured: a
+# release that no longer knows an XLA flag aborts at start-up.
+CPU_XLA_FLAGS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CPU_XLA_FLAGS_JAXLIB = ("0.10.",)
 
 
 def add_config_root_to_path(argv: list[str]) -> None:
@@ -39,3 +53,22 @@ def quiet_library_logs() -> None:
   """Keeps the console readable: library INFO chatter off, our own INFO on."""
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_DropChattyInfo())
+
+
+def set_cpu_xla_defaults(environ=None) -> list[str]:
+  """Appends ``CPU_XLA_FLAGS`` that XLA_FLAGS does not set yet to ``environ['XLA_FLAGS']``
+  (default ``os.environ``), on the jaxlib releases of ``CPU_XLA_FLAGS_JAXLIB``; returns the
+  flags it added. A flag the user set, with any value, is left alone."""
+  environ = os.environ if environ is None else environ
+  try:
+    jaxlib = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return []
+  if not jaxlib.startswith(CPU_XLA_FLAGS_JAXLIB):
+    return []
+  current = environ.get("XLA_FLAGS", "")
+  added = [f"--{name}={value}" for name, value in CPU_XLA_FLAGS.items()
+           if not re.search(rf"--{name}(=|\s|$)", current)]
+  if added:
+    environ["XLA_FLAGS"] = " ".join(current.split() + added)
+  return added

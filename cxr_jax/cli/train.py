@@ -58,6 +58,7 @@ def main(argv):
 
 def run():
   cli_flags.add_config_root_to_path(sys.argv)
+  cli_flags.set_cpu_xla_defaults()
   app.run(main)
 
 

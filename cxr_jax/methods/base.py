@@ -112,6 +112,9 @@ class Stage:
     stage's end (0 = never).
   select_best: when the stage evaluates, end it with the best-evaluated params
     (by ``early_stopping.metric``, or ``EarlyStopping().metric`` without it).
+  plateau_signal: what a 'plateau' schedule is fed at each evaluation: 'eval'
+    (the monitored metric on ``eval_split``) or 'train_loss' (the mean training
+    loss over the steps since the previous evaluation).
   """
   name: str
   loss: LossFn
@@ -128,6 +131,7 @@ class Stage:
   prepare: Callable[["PrepareContext"], tuple[Any, Any]] | None = None
   batch_size: int = 0
   select_best: bool = True
+  plateau_signal: str = "eval"
 
 
 class Method(Protocol):

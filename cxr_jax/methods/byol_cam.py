@@ -303,6 +303,7 @@ class BYOLCAM:
         name="finetune", loss=functools.partial(finetune_loss, ft.cam_weight, b.cam_relu),
         steps=ft.steps, optimizer=optimizer, data=DataSpec(split="train"),
         eval_every=ft.eval_every, early_stopping=None, select_best=True,
+        plateau_signal=ft.plateau_signal,
         init_extras=drop_extras if b.ssl else None, batch_size=ft.batch_size))
     return stages
 

@@ -22,9 +22,10 @@ Config keys (``config.optimizer`` or a stage's ``optimizer``):
 decays to 0 over the stage's steps after warm-up.
 
 Plateau (ReduceLROnPlateau, via ``optax.contrib.reduce_on_plateau``): the
-per-step update only multiplies by the current scale; the trainer feeds the
-stage's validation metric after every evaluation with ``feed_plateau``
-(lower is better, so a metric to maximise is passed negated), and the scale is
+per-step update only multiplies by the current scale; the trainer feeds, after
+every evaluation with ``feed_plateau``, the stage's validation metric or its mean
+training loss since the previous evaluation (``Stage.plateau_signal``; lower is
+better, so a metric to maximise is passed negated), and the scale is
 multiplied by ``decay_rate`` after ``plateau_patience`` evaluations without a
 relative improvement of ``plateau_rtol``.
 """

@@ -10,7 +10,9 @@
       donated, batch sharded over 'data', state replicated or FSDP),
     train ``stage.steps`` steps; every ``eval_every`` steps evaluate on
       ``eval_split``, keep the best state (WORKDIR/best/<stage>), feed a plateau
-      schedule, stop early; checkpoint every ``config.checkpoint_every`` steps
+      schedule (the monitored metric, or the mean training loss since the
+      previous evaluation: ``stage.plateau_signal``), stop early; checkpoint
+      every ``config.checkpoint_every`` steps
       and at the stage's end,
   then evaluate on 'val' and 'test' (WORKDIR/eval/<split>.json), then run the
   method's optional ``after_training`` (e.g. a report over its stages' checkpoints).
@@ -84,6 +86,9 @@ def _metric(payload: dict, metric: str, stage: Stage) -> float:
     raise KeyError(f"stage {stage.name!r}: metric {metric!r} not in the evaluation payload; "
                    f"available: {sorted(scalars)[:20]}")
   return scalars[metric]
+
+
+PLATEAU_SIGNALS = ("eval", "train_loss")
 
 
 def _improved(value: float, best: float | None, mode: str, tolerance: float = 0.0) -> bool:
@@ -257,7 +262,8 @@ class _Run:
           f"{first - stage_start}); the last good checkpoint is kept in "
           f"{os.path.join(self.workdir, 'checkpoints')}")
 
-  def log(self, step: int, stage: Stage, acc, images: int, seconds: float) -> None:
+  def log(self, step: int, stage: Stage, acc, images: int, seconds: float) -> tuple[float, int]:
+    """Writes the interval's mean metrics; returns (loss sum, step count) of the interval."""
     host = jax.device_get(acc)
     count = max(int(host["count"]), 1)
     scalars = {f"{stage.name}/{k}": float(v) / count for k, v in host["sums"].items()}
@@ -270,6 +276,7 @@ class _Run:
       print(f"\r[{stage.name}] step {step}/{self.total_steps} "
             f"loss {scalars[f'{stage.name}/loss']:.4f} {rate:.0f} img/s "
             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", end="", flush=True)
+    return float(host["sums"]["loss"]), int(host["count"])
 
   def eval(self, state: TrainState, split: str, stage: Stage, step: int, workdir: str | None,
            **kwargs):
@@ -306,6 +313,8 @@ class _Run:
     best, es_best, bad_evals = progress.get("best"), progress.get("es_best"), progress.get("bad_evals", 0)
     self.checkpoints.drop_best_after(stage.name, mon.mode, step)
     evaluated = progress.get("evaluated", False)
+    # Training loss (sum, steps) since the previous evaluation, read at log steps.
+    loss_since_eval = tuple(progress.get("loss_since_eval") or (0.0, 0))
     acc = zeros = None
     last_log, last_log_step = time.time(), step
     try:
@@ -319,14 +328,18 @@ class _Run:
         self.progress(step)
         preempted = parallel.preemption_requested(step)  # at every step (multi-process sync)
         end = stage_step == stage.steps
-        if step % config.log_every == 0 or end:
+        evaluate_now = bool(stage.eval_every) and (stage_step % stage.eval_every == 0 or end)
+        checkpoint_now = step % config.checkpoint_every == 0 or preempted
+        # Eval and checkpoint steps log too: the plateau's training loss is then exact on resume.
+        if step % config.log_every == 0 or end or evaluate_now or checkpoint_now:
           self.check_finite(acc, stage, stage_start)
           now = time.time()
-          self.log(step, stage, acc, batch_size * (step - last_log_step), now - last_log)
+          loss_sum, count = self.log(step, stage, acc, batch_size * (step - last_log_step),
+                                     now - last_log)
+          loss_since_eval = (loss_since_eval[0] + loss_sum, loss_since_eval[1] + count)
           acc, last_log, last_log_step = jax.device_put(zeros, parallel.replicated(mesh)), now, step
         stop = False
-        if stage.eval_every and (stage_step % stage.eval_every == 0 or end):
-          self.check_finite(acc, stage, stage_start)
+        if evaluate_now:
           payload = self.eval(state, stage.eval_split, stage, step, None)
           value = _metric(payload, mon.metric, stage)
           evaluated = True
@@ -340,20 +353,24 @@ class _Run:
           else:
             bad_evals += 1
           if plateau:
-            signed = -value if mon.mode == "max" else value
+            if stage.plateau_signal == "train_loss":
+              signed = loss_since_eval[0] / max(loss_since_eval[1], 1)
+            else:
+              signed = -value if mon.mode == "max" else value
             state = state.replace(opt_state=feed(state.opt_state, jnp.float32(signed)))
+          loss_since_eval = (0.0, 0)
           if stage.early_stopping and bad_evals >= stage.early_stopping.patience:
             logging.info("stage %r: early stop at step %d (no %.1f%% improvement of %s in %d evals)",
                          stage.name, step, 100 * mon.tolerance, mon.metric, bad_evals)
             stop = True
         if stop or end:
           break
-        if step % config.checkpoint_every == 0 or preempted:
-          self.check_finite(acc, stage, stage_start)
+        if checkpoint_now:
           self.checkpoints.save(step, state, dict(
               stage=index, stage_name=stage.name, stage_step=stage_step, step=step, done=False,
               data=parallel.gather_process_states(iterator.get_state()), best=best,
-              es_best=es_best, bad_evals=bad_evals, evaluated=evaluated))
+              es_best=es_best, bad_evals=bad_evals, evaluated=evaluated,
+              loss_since_eval=list(loss_since_eval)))
         if preempted:
           self.checkpoints.wait()
           raise parallel.Preempted(step, self.workdir)
@@ -411,6 +428,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for s in stages:
     if s.steps < 1:
       raise ValueError(f"method {method.name!r}: stage {s.name!r} has steps={s.steps}; need >= 1")
+    if s.plateau_signal not in PLATEAU_SIGNALS:
+      raise ValueError(f"method {method.name!r}: stage {s.name!r} has plateau_signal "
+                       f"{s.plateau_signal!r}; known: {list(PLATEAU_SIGNALS)}")
 
   run = _Run(config, workdir, method, model, make_iterator, evaluate, mesh, stages)
   resume = run.checkpoints.latest_meta()
