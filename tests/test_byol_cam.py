@@ -218,6 +218,11 @@ def test_stages_and_sweep():
   assert pretrain.apply_kwargs == {"mode": "byol"} and pretrain.update_extras is not None
   assert finetune.select_best and finetune.eval_every > 0
   assert finetune.plateau_signal == "train_loss"  # Sec. IV-b
+  bad = byol_config.get_config("runlocal")
+  with bad.unlocked():
+    bad.byol.finetune.plateau_signal = "val_loss"
+  with pytest.raises(ValueError, match="config.byol.finetune.plateau_signal 'val_loss'"):
+    method.stages(bad)
   opt = finetune.optimizer
   assert opt.schedule == "plateau" and opt.decay_rate == 0.1 and opt.plateau_patience == 4
   np.testing.assert_allclose(opt.learning_rate * opt.plateau_min_scale, 1e-6)

@@ -18,7 +18,7 @@ import re
 import sys
 
 # jaxlib 0.10's XLA:CPU hands convolutions (and reductions) to YNNPACK by default; on a
-# 2-core AMD EPYC the ResNet-18 train step is then 1.5x slower than with XLA's own
+# 2-core AMD EPYC the ResNet-18 128 px train step is then 1.44x slower than with XLA's own
 # convolution kernels, while YNNPACK's dots are as fast as the alternatives
 # (benchmarks/RESULTS.md, issue 11). Only for jaxlib releases where this was measured: a
 # release that no longer knows an XLA flag aborts at start-up.

@@ -89,6 +89,9 @@ class EarlyStopping:
   tolerance: float = 0.01
 
 
+PLATEAU_SIGNALS = ("eval", "train_loss")  # Stage.plateau_signal
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
   """One training stage of a method.

@@ -57,7 +57,7 @@ import ml_collections
 
 from cxr_jax import cam, losses
 from cxr_jax.data import schema
-from cxr_jax.methods.base import Batch, DataSpec, LossContext, Stage
+from cxr_jax.methods.base import PLATEAU_SIGNALS, Batch, DataSpec, LossContext, Stage
 from cxr_jax.methods.baseline import label_mask
 from cxr_jax.models.backbones import backbone_from_config
 from cxr_jax.models.byol import BYOLNetwork
@@ -284,6 +284,9 @@ class BYOLCAM:
     if b.tau_schedule not in TAU_SCHEDULES:
       raise ValueError(f"unknown config.byol.tau_schedule {b.tau_schedule!r}; "
                        f"known: {list(TAU_SCHEDULES)}")
+    if ft.plateau_signal not in PLATEAU_SIGNALS:
+      raise ValueError(f"unknown config.byol.finetune.plateau_signal {ft.plateau_signal!r}; "
+                       f"known: {list(PLATEAU_SIGNALS)}")
     if not 0.0 <= b.tau <= 1.0:
       raise ValueError(f"config.byol.tau must lie in [0, 1], got {b.tau}")
     stages = []

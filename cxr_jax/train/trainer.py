@@ -51,7 +51,8 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from cxr_jax.methods.base import EarlyStopping, LossContext, Method, PrepareContext, Stage
+from cxr_jax.methods.base import (PLATEAU_SIGNALS, EarlyStopping, LossContext, Method,
+                                  PrepareContext, Stage)
 from cxr_jax.models import pretrained
 from cxr_jax.train import optim, parallel
 from cxr_jax.train.checkpoint import RunCheckpoints
@@ -86,9 +87,6 @@ def _metric(payload: dict, metric: str, stage: Stage) -> float:
     raise KeyError(f"stage {stage.name!r}: metric {metric!r} not in the evaluation payload; "
                    f"available: {sorted(scalars)[:20]}")
   return scalars[metric]
-
-
-PLATEAU_SIGNALS = ("eval", "train_loss")
 
 
 def _improved(value: float, best: float | None, mode: str, tolerance: float = 0.0) -> bool:
