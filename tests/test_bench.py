@@ -70,13 +70,15 @@ def test_markdown_ratios():
 
 
 def test_tiny_suite_end_to_end(tmp_path):
-  """One train-step figure and one pipeline figure, each in its own process: a JSON with every
-  figure's numbers and memory, and a markdown table appended to the results file."""
+  """Two train-step figures (one with a frozen-backbone step interleaved) and one pipeline
+  figure, each in its own process: a JSON with every figure's numbers and memory, and a
+  markdown table appended to the results file."""
   results = tmp_path / "RESULTS.md"
   results.write_text("# Results\n")
   specs = [suites.scale_down(s) for s in suites.cpu_small()
-           if s["name"] in ("baseline/tiny-f32", "pipeline/synthetic/64/w0")]
-  assert len(specs) == 2
+           if s["name"] in ("baseline/tiny-f32", "baseline/frozen_backbone/resnet18-32",
+                            "pipeline/synthetic/64/w0")]
+  assert len(specs) == 3
   run = suites.run_suite(specs, suite="test", results=str(results), json_dir=str(tmp_path / "runs"),
                          config_root=REPO, timeout=600, command="pytest", tiny=True,
                          log=lambda *_: None)
@@ -90,11 +92,18 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert fig["machine"]["device"].startswith("cpu")
   train = saved["figures"][0]
   assert train["batch"] == 8 and train["image_size"] == 32 and train["flops"] > 0
+  frozen = saved["figures"][1]
+  (head_only,) = frozen["interleaved"]
+  assert head_only["label"] == "head_only" and head_only["stage"] == frozen["stage"] == "train"
+  assert 0 < head_only["flops"] < 0.6 * frozen["flops"]  # no backward through the backbone
+  assert head_only["step_ratio"] == pytest.approx(head_only["step_ms"] / frozen["step_ms"])
   text = results.read_text()
   assert text.startswith("# Results\n")
-  rows = [line for line in text.splitlines() if line.startswith("| baseline/tiny-f32 ")
-          or line.startswith("| pipeline/synthetic/64/w0 ")]
-  assert len(rows) == 2 and all(row.count("|") == 10 for row in rows)
+  rows = [line for line in text.splitlines()
+          if line.split(" ")[1:2] in (["baseline/tiny-f32"], ["baseline/frozen_backbone/resnet18-32"],
+                                      ["pipeline/synthetic/64/w0"])]
+  assert len(rows) == 3 and all(row.count("|") == 10 for row in rows)
+  assert "head_only (train): " in rows[1]
 
 
 @pytest.mark.parametrize("name", ["cpu-small", "gpu", "memory"])

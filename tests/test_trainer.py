@@ -208,6 +208,25 @@ def test_plateau_fed_the_mean_training_loss_since_the_last_eval_and_resumes(tmp_
     _train(tmp_path / "bad", config, method=PlateauOnTrainingLoss("val_loss"))
 
 
+def test_init_compiled_with_the_cpu_options_matches_xla_defaults():
+  """``init_variables`` compiles at XLA:CPU optimization level 0 (``INIT_COMPILER_OPTIONS``):
+  same random bits, same initializers, so the params and batch_stats equal those of
+  ``jax.jit(model.init)`` under XLA's default options up to float rounding."""
+  assert trainer.INIT_COMPILER_OPTIONS["cpu"] == {"xla_backend_optimization_level": 0}
+  config = w.tiny_config()
+  method = w.TinyBaseline()
+  model = method.model(config)
+  rng = jax.random.key(3)
+  got = trainer.init_variables(model, method.stages(config)[0], config, rng)
+  zeros = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels))
+  reference = jax.jit(lambda r: model.init({"params": r, "dropout": r}, zeros, train=False))(rng)
+  want = (reference["params"], reference.get("batch_stats", {}))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  assert any(np.std(np.asarray(leaf)) > 0 for leaf in jax.tree.leaves(got[0]))
+
+
 def test_baseline_cam_averages_to_logits_and_registry():
   assert isinstance(get_method("baseline"), Baseline)
   with pytest.raises(KeyError, match="baseline"):

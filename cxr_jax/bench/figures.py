@@ -142,27 +142,43 @@ def build_train_step(spec: dict, config_root: str):
   return train_step, make_state, make_acc, batches, stage, config, batch_size, flops
 
 
-def train_step(spec: dict, config_root: str) -> dict:
-  """Train-step images/s of a method's stage; with ``variants`` (a list of XLA compiler-option
-  dicts, e.g. [{}, {'xla_cpu_experimental_ynn_fusion_type': ''}]) each variant is compiled and
-  their timing rounds interleaved in this one process, so load on the machine hits all alike.
+def _interleaved_spec(spec: dict, other: dict) -> dict:
+  """``spec`` with an ``interleave`` entry's keys over it ('overrides' merged key by key)."""
+  merged = {**spec, **other}
+  merged["overrides"] = {**spec.get("overrides", {}), **other.get("overrides", {})}
+  merged.pop("interleave", None)
+  return merged
 
-  Returns {'img_per_s', 'step_ms', 'flops', 'mfu', 'compile_s', 'stage', 'batch', ...};
-  with variants, also 'variants': [{'options', 'img_per_s', 'step_ms'}] (the first is the figure).
+
+def train_step(spec: dict, config_root: str) -> dict:
+  """Train-step images/s of a method's stage, timed in interleaved rounds with, in the same
+  process, so load on the machine hits all alike:
+    variants    a list of XLA compiler-option dicts (e.g. [{}, {'xla_cpu_experimental_ynn_fusion_type':
+                ''}]): the same step compiled with each;
+    interleave  a list of partial specs ({'label', 'stage', 'overrides', 'trainable',
+                'apply_kwargs'} over this one): other steps of the same config, e.g. a frozen
+                stage against the full one (separate processes moved such ratios by +-0.05).
+
+  Returns {'img_per_s', 'step_ms', 'flops', 'mfu', 'compile_s', 'stage', 'batch', ...} of the
+  first variant; with variants also 'variants': [{'options', 'img_per_s', 'step_ms', ...}] (the
+  first is the figure), with interleave 'interleaved': [{'label', 'stage', 'img_per_s',
+  'step_ms', 'step_ratio', ...}] (step_ratio: its step time over the figure's).
   """
-  step, make_state, make_acc, batches, stage, config, batch_size, flops = build_train_step(
-      spec, config_root)
-  variants = spec.get("variants") or [{}]
+  builds = [(None, build_train_step(spec, config_root))]
+  builds += [(other["label"], build_train_step(_interleaved_spec(spec, other), config_root))
+             for other in spec.get("interleave", [])]
   runs = []
-  for options in variants:
-    start = time.perf_counter()
-    state, acc = make_state(), make_acc()
-    compiled = step.lower(state, acc, batches[0]).compile(compiler_options=options or None)
-    runs.append({"options": options, "compiled": compiled, "state": state, "acc": acc,
-                 "compile_s": time.perf_counter() - start, "rounds": []})
+  for label, (step, make_state, make_acc, batches, stage, config, batch_size, flops) in builds:
+    for options in (spec.get("variants") or [{}]) if label is None else [{}]:
+      start = time.perf_counter()
+      state, acc = make_state(), make_acc()
+      compiled = step.lower(state, acc, batches[0]).compile(compiler_options=options or None)
+      runs.append({"label": label, "options": options, "compiled": compiled, "state": state,
+                   "acc": acc, "batches": batches, "stage": stage.name, "batch": batch_size,
+                   "flops": flops, "compile_s": time.perf_counter() - start, "rounds": []})
   for run in runs:
     def one(i, run=run):
-      run["state"], run["acc"] = run["compiled"](run["state"], run["acc"], batches[i % 2])
+      run["state"], run["acc"] = run["compiled"](run["state"], run["acc"], run["batches"][i % 2])
       return run["acc"]
     run["one"] = one
     timing.time_steps(one, jax.block_until_ready, warmup=spec.get("warmup", 2), repeats=1, steps=1)
@@ -171,25 +187,32 @@ def train_step(spec: dict, config_root: str) -> dict:
       t = timing.time_steps(run["one"], jax.block_until_ready, warmup=0, repeats=1,
                             steps=spec.get("steps", 5))
       run["rounds"].append(t["step_s"])
+  config = builds[0][1][5]
   device = jax.devices()[0]
   dtype = config.model.dtype
   peak = machine.peak_flops(device.device_kind, dtype)
-  out_variants = []
+  entries = []
   for run in runs:
     step_s = float(np.median(run["rounds"]))
-    cost = _cost(run["compiled"], flops)
-    entry = {"options": run["options"], "img_per_s": batch_size / step_s, "step_ms": 1e3 * step_s,
+    cost = _cost(run["compiled"], run["flops"])
+    entry = {"label": run["label"], "options": run["options"], "stage": run["stage"],
+             "img_per_s": run["batch"] / step_s, "step_ms": 1e3 * step_s,
              "round_ms": [1e3 * r for r in run["rounds"]], "compile_s": run["compile_s"], **cost}
     if peak and "flops" in cost:
       entry["mfu"] = cost["flops"] / step_s / peak
-    out_variants.append(entry)
-  first = dict(out_variants[0])
-  first.pop("options")
-  out = {**first, "stage": stage.name, "batch": batch_size, "dtype": dtype,
+    entries.append(entry)
+  first = {k: v for k, v in entries[0].items() if k not in ("label", "options")}
+  out = {**first, "batch": runs[0]["batch"], "dtype": dtype,
          "devices": len(jax.devices()[:spec.get("devices") or jax.device_count()]),
          "image_size": config.data.image_size}
-  if len(runs) > 1:
-    out["variants"] = out_variants
+  variants = [{k: v for k, v in e.items() if k != "label"} for e in entries if e["label"] is None]
+  if len(variants) > 1:
+    out["variants"] = variants
+  interleaved = [{k: v for k, v in e.items() if k != "options"} for e in entries if e["label"]]
+  for entry in interleaved:
+    entry["step_ratio"] = entry["step_ms"] / out["step_ms"]
+  if interleaved:
+    out["interleaved"] = interleaved
   return out
 
 

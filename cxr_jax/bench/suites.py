@@ -79,39 +79,32 @@ def gradcam_pair(tag: str, backbone: str, size: int, batch: int, **kw) -> list[d
            "what": f"pytorch-grad-cam, 14 calls (one per class) {backbone} {size}px b{batch}", **kw}]
 
 
-def vkd_stage_pair(backbone: str, size: int, width: float, batch: int, dtype: str,
-                   **kw) -> list[dict]:
-  """VKD stage 2 ('prior': encoder and CH1 frozen, the prior encoder trained on the
-  annotation map at ``vkd.prior_scale`` of the image side) over stage 1 ('base'), and
-  stage 2 with the paper's full-side prior; same batch each."""
-  b = lambda stage, name="", **more: train(
-      f"vkd/{name or stage}/{backbone}-{size}", "vkd", backbone, size, width, batch, dtype,
-      stage=stage, **more, **kw)
-  base = (f"vkd/base/{backbone}-{size}", "step_time")
-  full_side = b("prior", "prior_full_side", ratio_to=base)
-  full_side["overrides"] = {**full_side["overrides"], "vkd.prior_scale": 1.0}
-  full_side["what"] += ", prior at the full image side"
-  return [b("base"), b("prior", ratio_to=base), full_side]
+def vkd_stages(backbone: str, size: int, width: float, batch: int, dtype: str, **kw) -> dict:
+  """VKD stage 1 ('base'), with stage 2 ('prior': encoder and CH1 frozen, the prior encoder
+  trained on the annotation map at ``vkd.prior_scale`` of the image side) and stage 2 with the
+  paper's full-side prior interleaved in the same process; same batch each."""
+  return train(f"vkd/stages/{backbone}-{size}", "vkd", backbone, size, width, batch, dtype,
+               stage="base", interleave=[
+                   {"label": "prior", "stage": "prior"},
+                   {"label": "prior_full_side", "stage": "prior",
+                    "overrides": {"vkd.prior_scale": 1.0}}], **kw)
 
 
 def frozen_pairs(backbone: str, size: int, width: float, batch: int, dtype: str, *,
                  vkd: bool = True, **kw) -> list[dict]:
-  """Frozen-stage cost: VKD's stages (``vkd_stage_pair``, unless ``vkd`` is False), MSML
-  local_fixed 'bilinear' (both streams frozen) over 'streams', and the baseline with a
-  frozen backbone (head only) over the full step; same batch each."""
-  b = lambda config, stage, extra="", **more: train(
-      f"{config}/{stage}/{backbone}-{size}", config, backbone, size, width, batch, dtype,
-      extra=extra, stage=stage, **more, **kw)
+  """Frozen-stage cost, each frozen step interleaved with its full step in one process:
+  VKD's stages (``vkd_stages``, unless ``vkd`` is False), MSML local_fixed 'bilinear' (both
+  streams frozen) with 'streams', and the baseline with a frozen backbone (head only) with
+  the full step; same batch each."""
   return [
-      *(vkd_stage_pair(backbone, size, width, batch, dtype, **kw) if vkd else []),
-      b("msml", "streams", "strategy=local_fixed"),
-      b("msml", "bilinear", "strategy=local_fixed",
-        ratio_to=(f"msml/streams/{backbone}-{size}", "step_time")),
-      {**b("baseline", "train"), "name": f"baseline/frozen_backbone/{backbone}-{size}",
-       "trainable": ["head/.*"], "apply_kwargs": {"train_backbone": False},
-       "what": f"baseline head only {backbone} w{width} {size}px b{batch} {dtype}",
-       "ratio_to": (f"baseline/train/{backbone}-{size}", "step_time")},
-      b("baseline", "train"),
+      *([vkd_stages(backbone, size, width, batch, dtype, **kw)] if vkd else []),
+      train(f"msml/stages/{backbone}-{size}", "msml", backbone, size, width, batch, dtype,
+            extra="strategy=local_fixed", stage="streams",
+            interleave=[{"label": "bilinear", "stage": "bilinear"}], **kw),
+      train(f"baseline/frozen_backbone/{backbone}-{size}", "baseline", backbone, size, width, batch,
+            dtype, stage="train", interleave=[
+                {"label": "head_only", "trainable": ["head/.*"],
+                 "apply_kwargs": {"train_backbone": False}}], **kw),
   ]
 
 
@@ -174,7 +167,7 @@ def cpu_small(data_dir: str = "") -> list[dict]:
       train("baseline/tiny-f32-2dev", "baseline", "resnet18", 64, 0.25, 32, devices=2,
             ratio_to=("baseline/tiny-f32", "img_per_s"), **quick),
       train("msml/train/tiny", "msml", **tiny, **quick),
-      *vkd_stage_pair(**vkd, **quick),
+      vkd_stages(**vkd, **quick),
       *frozen_pairs(**tiny, vkd=False, **quick),
       *gradcam_pair("resnet18-64-b8", "resnet18", 64, 8, repeats=2, steps=1),
       *pipeline_figures(64, 64, (0, 2), data_dir, repeats=2, steps=4),
@@ -324,6 +317,9 @@ def _notes(fig: dict) -> str:
   for v in fig.get("variants", [])[1:]:
     base = fig["variants"][0]
     notes.append(f"{json.dumps(v['options'])}: {v['img_per_s'] / base['img_per_s']:.2f}x")
+  for v in fig.get("interleaved", []):
+    notes.append(f"{v['label']} ({v['stage']}): {v['step_ms']:,.1f} ms, "
+                 f"{v['step_ratio']:.2f}x step time")
   for key, label in (("idle_fraction", "device idle {:.0%}"),
                      ("next_wait_fraction", "in next() {:.0%}"),
                      ("main_cpu_ms_per_img", "consumer CPU {:.2f} ms/img"),

@@ -28,9 +28,11 @@ Stages:
       The CAM loss always trains both encoder and probe.
   'finetune': encoder + a new linear head on split 'train', weighted BCE
       (``losses.weighted_bce``), the data's random affine (p = 0.5),
-      ReduceLROnPlateau on the validation AUROC (factor 0.1, patience 4
-      evaluations, lr floor ``byol.finetune.min_learning_rate``), ends with
-      the best-validation-AUROC params. ``byol.finetune.cam_weight`` > 0 adds
+      ReduceLROnPlateau (factor 0.1, patience 4 evaluations, lr floor
+      ``byol.finetune.min_learning_rate``) on the mean training loss since the
+      previous evaluation (Sec. IV-b; ``byol.finetune.plateau_signal``,
+      'eval' watches the validation AUROC instead), ends with the
+      best-validation-AUROC params. ``byol.finetune.cam_weight`` > 0 adds
       the CAM loss on the head's Grad-CAM (the "XRV + CAM loss" row).
 
 CAM loss (Eq. 6-7, ``cam_loss``): for each image with boxes and each class c
