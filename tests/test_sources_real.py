@@ -167,6 +167,26 @@ def test_chexpert_bad_input(tmp_path):
     chexpert.read(str(tmp_path / "c"))
 
 
+
+def test_unique_rows_reports_repeats_with_the_first_place_across_files(tmp_path):
+  for name, ids in (("a.csv", ["x", "y", " x"]), ("b.csv", ["z", "y"])):
+    _write_csv(str(tmp_path / name), ["id", "v"], [[i, "1"] for i in ids])
+  problems, seen, kept = rec.Problems(skip_bad=True), {}, []
+  for name in ("a.csv", "b.csv"):
+    path = str(tmp_path / name)
+    columns, rows = rec.read_table(path, ("id",), problems)
+    kept += [(name, line, key) for line, _, key in
+             rec.unique_rows(path, rows, columns["id"], "id", problems, seen)]
+  assert kept == [("a.csv", 2, "x"), ("a.csv", 3, "y"), ("b.csv", 2, "z")]
+  assert [(os.path.basename(e["file"]), e["row"]) for e in problems.entries] == [("a.csv", 4),
+                                                                                ("b.csv", 3)]
+  first_y = f"{tmp_path / 'a.csv'}, line 3"
+  assert problems.entries[1]["reason"] == f"duplicated id 'y' (first at {first_y})"
+  columns, rows = rec.read_table(str(tmp_path / "a.csv"), ("id",))
+  first_x = r"\(first at .*a.csv, line 2\)"
+  with pytest.raises(rec.BadInput, match=r"a.csv, line 4: duplicated id 'x' " + first_x):
+    list(rec.unique_rows(str(tmp_path / "a.csv"), rows, columns["id"], "id", rec.Problems()))
+
 # --- MIMIC-CXR-JPG -----------------------------------------------------------------------
 
 # dicom_id, subject, study, view, (width, height)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import sys
 
 from absl import app
 from absl import flags
@@ -120,9 +119,7 @@ def _fmt(value) -> str:
 
 
 def run():
-  cli_flags.add_config_root_to_path(sys.argv)
-  cli_flags.set_cpu_xla_defaults()
-  app.run(main)
+  cli_flags.run_config_app(main)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import os
 import re
 import sys
 
+from absl import app
+
 # jaxlib 0.10's XLA:CPU hands convolutions (and reductions) to YNNPACK by default; on a
 # 2-core AMD EPYC the ResNet-18 128 px train step is then 1.44x slower than with XLA's own
 # convolution kernels, while YNNPACK's dots are as fast as the alternatives
@@ -72,3 +74,12 @@ def set_cpu_xla_defaults(environ=None) -> list[str]:
   if added:
     environ["XLA_FLAGS"] = " ".join(current.split() + added)
   return added
+
+
+def run_config_app(main, *, xla_defaults: bool = True) -> None:
+  """``app.run(main)`` of a command taking ``--config``: its config root on sys.path first,
+  and for commands that run JAX themselves (``xla_defaults``) the XLA:CPU defaults."""
+  add_config_root_to_path(sys.argv)
+  if xla_defaults:
+    set_cpu_xla_defaults()
+  app.run(main)

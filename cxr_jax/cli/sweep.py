@@ -259,8 +259,7 @@ def main(argv):
 
 
 def run():
-  cli_flags.add_config_root_to_path(sys.argv)
-  app.run(main)
+  cli_flags.run_config_app(main, xla_defaults=False)
 
 
 if __name__ == "__main__":

@@ -57,9 +57,7 @@ def main(argv):
 
 
 def run():
-  cli_flags.add_config_root_to_path(sys.argv)
-  cli_flags.set_cpu_xla_defaults()
-  app.run(main)
+  cli_flags.run_config_app(main)
 
 
 if __name__ == "__main__":

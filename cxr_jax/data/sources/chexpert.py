@@ -72,12 +72,8 @@ def read(manual_dir: str, *, uncertainty: str = "zeros", frontal_only: bool = Tr
       continue
     columns, rows = rec.read_table(csv_path, required, problems)
     label_columns = [columns[c] for c in classes]
-    for line, fields in rows:
-      image_id = fields[columns["Path"]].strip()
-      if image_id in seen:
-        problems.add(csv_path, line, f"duplicated Path {image_id!r} (first at {seen[image_id]})")
-        continue
-      seen[image_id] = rec.where(csv_path, line)
+    for line, fields, image_id in rec.unique_rows(csv_path, rows, columns["Path"], "Path",
+                                                  problems, seen):
       parts = image_id.replace("\\", "/").split("/")
       patient = next((p for p in parts if _PATIENT.match(p)), None)
       study = next((p for p in parts if _STUDY.match(p)), "")

@@ -124,13 +124,8 @@ def read(manual_dir: str, *, mimic_dir: str, uncertainty: str = "zeros",
     label_columns = _find_columns(sheet, columns, ("Normal", "CHF", "pneumonia"))
 
   kept = []
-  seen: dict[str, int] = {}
-  for line, fields in rows:
-    dicom = fields[columns["dicom_id"]].strip()
-    if dicom in seen:
-      problems.add(sheet, line, f"duplicated dicom_id {dicom!r} (first on line {seen[dicom]})")
-      continue
-    seen[dicom] = line
+  for line, fields, dicom in rec.unique_rows(sheet, rows, columns["dicom_id"], "dicom_id",
+                                             problems):
     try:
       values = np.array([rec.parse_label_value(fields[i]) for i in label_columns])
       if not chexpert_labels and not np.all((values == 0) | (values == 1)):

@@ -64,11 +64,7 @@ def images(mimic_dir: str, problems: rec.Problems) -> dict[str, Image]:
   columns, rows = rec.read_table(path, names, problems)
   c = {k: columns[k] for k in names}
   out: dict[str, Image] = {}
-  for line, fields in rows:
-    dicom = fields[c["dicom_id"]].strip()
-    if dicom in out:
-      problems.add(path, line, f"duplicated dicom_id {dicom!r} (first on line {out[dicom].line})")
-      continue
+  for line, fields, dicom in rec.unique_rows(path, rows, c["dicom_id"], "dicom_id", problems):
     subject, study = fields[c["subject_id"]].strip(), fields[c["study_id"]].strip()
     try:
       height, width = int(float(fields[c["Rows"]])), int(float(fields[c["Columns"]]))
@@ -89,11 +85,8 @@ def _study_labels(path: str, problems: rec.Problems) -> dict[str, tuple[np.ndarr
   classes = schema.CHEXPERT14.classes
   columns, rows = rec.read_table(path, ("study_id",) + classes, problems)
   out = {}
-  for line, fields in rows:
-    study = fields[columns["study_id"]].strip()
-    if study in out:
-      problems.add(path, line, f"duplicated study_id {study!r} (first at {out[study][1]})")
-      continue
+  for line, fields, study in rec.unique_rows(path, rows, columns["study_id"], "study_id",
+                                             problems):
     try:
       values = np.array([rec.parse_label_value(fields[columns[c]]) for c in classes])
     except ValueError as e:

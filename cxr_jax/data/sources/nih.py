@@ -150,14 +150,9 @@ def read(manual_dir: str, *, uncertainty: str = "zeros", frontal_only: bool = Tr
   default_folder = os.path.abspath(os.path.join(manual_dir, "images"))
 
   kept = []   # (name, path, patient, split, view, class indices)
-  seen: dict[str, int] = {}
-  for line, fields in rows:
-    name = fields[c_image].strip()
-    if name in seen:
-      problems.add(entry_path, line,
-                   f"duplicated Image Index {name!r} (first on line {seen[name]})")
-      continue
-    seen[name] = line
+  seen: dict[str, str] = {}
+  for line, fields, name in rec.unique_rows(entry_path, rows, c_image, "Image Index", problems,
+                                            seen):
     try:
       classes = parse_finding_labels(fields[c_labels])
     except KeyError:

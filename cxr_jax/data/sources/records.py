@@ -37,7 +37,7 @@ import gzip
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -188,6 +188,22 @@ def read_table(path: str, required: Sequence[str] = (), problems: Problems | Non
       rows.append((reader.line_num, fields))
   return columns, rows
 
+
+
+def unique_rows(path: str, rows: Sequence[tuple[int, list[str]]], column: int, name: str,
+                problems: Problems, seen: dict[str, str] | None = None
+                ) -> Iterator[tuple[int, list[str], str]]:
+  """(line, fields, key) of the rows of ``read_table`` whose key ``fields[column].strip()``
+  has not come before; a repeat goes to ``problems`` as "duplicated NAME 'key' (first at
+  FILE, line N)". Pass one ``seen`` ({key: where}) to share the keys across files."""
+  seen = {} if seen is None else seen
+  for line, fields in rows:
+    key = fields[column].strip()
+    if key in seen:
+      problems.add(path, line, f"duplicated {name} {key!r} (first at {seen[key]})")
+      continue
+    seen[key] = where(path, line)
+    yield line, fields, key
 
 def check_uncertainty(uncertainty: str) -> None:
   if uncertainty not in UNCERTAINTY_POLICIES:

@@ -168,12 +168,8 @@ def read(manual_dir: str, *, mimic_dir: str, uncertainty: str = "zeros",
   for path in files:
     columns, rows = rec.read_table(path, METADATA_COLUMNS, problems)
     label_columns = _label_columns(path, columns, "image_size_y")
-    for line, fields in rows:
-      reading = fields[columns["id"]].strip()
-      if reading in seen_ids:
-        problems.add(path, line, f"duplicated id {reading!r} (first at {seen_ids[reading]})")
-        continue
-      seen_ids[reading] = rec.where(path, line)
+    for line, fields, reading in rec.unique_rows(path, rows, columns["id"], "id", problems,
+                                                 seen_ids):
       try:
         values = _reading_labels(fields, label_columns, certainty_threshold)
         width = float(fields[columns["image_size_x"]])
