@@ -22,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,9 +86,20 @@ def _cost(compiled, flops: float | None = None) -> dict:
   return out
 
 
-def build_train_step(spec: dict, config_root: str):
-  """(jitted step, make_state, make_acc, batches, stage, config, batch size, FLOPs per step) of a
-  train-step spec.
+class StepBuild(NamedTuple):
+  """A compiled-to-be train step of a spec and what timing it needs."""
+  train_step: Callable     # jitted (state, acc, batch) -> (state, acc)
+  make_state: Callable     # () -> a fresh, donatable TrainState on the mesh
+  make_acc: Callable       # () -> a zero metric accumulator
+  batches: list            # two device batches, alternated
+  stage: Any               # methods.base.Stage
+  config: Any              # the resolved ml_collections config
+  batch_size: int
+  flops: float | None      # XLA's FLOPs of one step, lowered for the CPU
+
+
+def build_train_step(spec: dict, config_root: str) -> StepBuild:
+  """The ``StepBuild`` of a train-step spec.
 
   spec: config/arg/overrides, 'stage' (name; default the first), 'batch',
   optional 'trainable' (regexes) and 'apply_kwargs' replacing the stage's
@@ -139,7 +151,7 @@ def build_train_step(spec: dict, config_root: str):
   train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
   make_acc = lambda: jax.device_put(zeros, parallel.replicated(mesh))
   flops = host_flops(trainer.accumulate(step_fn), state_shape, zeros, batches[0])
-  return train_step, make_state, make_acc, batches, stage, config, batch_size, flops
+  return StepBuild(train_step, make_state, make_acc, batches, stage, config, batch_size, flops)
 
 
 def _interleaved_spec(spec: dict, other: dict) -> dict:
@@ -151,8 +163,9 @@ def _interleaved_spec(spec: dict, other: dict) -> dict:
 
 
 def train_step(spec: dict, config_root: str) -> dict:
-  """Train-step images/s of a method's stage, timed in interleaved rounds with, in the same
-  process, so load on the machine hits all alike:
+  """Train-step images/s of a method's stage. Two optional lists add more steps, compiled in
+  this same process and timed in alternating rounds with it, so load on the machine hits all
+  alike:
     variants    a list of XLA compiler-option dicts (e.g. [{}, {'xla_cpu_experimental_ynn_fusion_type':
                 ''}]): the same step compiled with each;
     interleave  a list of partial specs ({'label', 'stage', 'overrides', 'trainable',
@@ -168,14 +181,15 @@ def train_step(spec: dict, config_root: str) -> dict:
   builds += [(other["label"], build_train_step(_interleaved_spec(spec, other), config_root))
              for other in spec.get("interleave", [])]
   runs = []
-  for label, (step, make_state, make_acc, batches, stage, config, batch_size, flops) in builds:
+  for label, b in builds:
     for options in (spec.get("variants") or [{}]) if label is None else [{}]:
       start = time.perf_counter()
-      state, acc = make_state(), make_acc()
-      compiled = step.lower(state, acc, batches[0]).compile(compiler_options=options or None)
+      state, acc = b.make_state(), b.make_acc()
+      compiled = b.train_step.lower(state, acc, b.batches[0]).compile(
+          compiler_options=options or None)
       runs.append({"label": label, "options": options, "compiled": compiled, "state": state,
-                   "acc": acc, "batches": batches, "stage": stage.name, "batch": batch_size,
-                   "flops": flops, "compile_s": time.perf_counter() - start, "rounds": []})
+                   "acc": acc, "batches": b.batches, "stage": b.stage.name, "batch": b.batch_size,
+                   "flops": b.flops, "compile_s": time.perf_counter() - start, "rounds": []})
   for run in runs:
     def one(i, run=run):
       run["state"], run["acc"] = run["compiled"](run["state"], run["acc"], run["batches"][i % 2])
@@ -187,7 +201,7 @@ def train_step(spec: dict, config_root: str) -> dict:
       t = timing.time_steps(run["one"], jax.block_until_ready, warmup=0, repeats=1,
                             steps=spec.get("steps", 5))
       run["rounds"].append(t["step_s"])
-  config = builds[0][1][5]
+  config = builds[0][1].config
   device = jax.devices()[0]
   dtype = config.model.dtype
   peak = machine.peak_flops(device.device_kind, dtype)
