@@ -75,9 +75,8 @@ def test_tiny_suite_end_to_end(tmp_path):
   markdown table appended to the results file."""
   results = tmp_path / "RESULTS.md"
   results.write_text("# Results\n")
-  specs = [suites.scale_down(s) for s in suites.cpu_small()
-           if s["name"] in ("baseline/tiny-f32", "baseline/frozen_backbone/resnet18-32",
-                            "pipeline/synthetic/64/w0")]
+  names = ("baseline/tiny-f32", "baseline/frozen_backbone/resnet18-32", "pipeline/synthetic/64/w0")
+  specs = [suites.scale_down(s) for s in suites.cpu_small() if s["name"] in names]
   assert len(specs) == 3
   run = suites.run_suite(specs, suite="test", results=str(results), json_dir=str(tmp_path / "runs"),
                          config_root=REPO, timeout=600, command="pytest", tiny=True,
@@ -99,9 +98,7 @@ def test_tiny_suite_end_to_end(tmp_path):
   assert head_only["step_ratio"] == pytest.approx(head_only["step_ms"] / frozen["step_ms"])
   text = results.read_text()
   assert text.startswith("# Results\n")
-  rows = [line for line in text.splitlines()
-          if line.split(" ")[1:2] in (["baseline/tiny-f32"], ["baseline/frozen_backbone/resnet18-32"],
-                                      ["pipeline/synthetic/64/w0"])]
+  rows = [line for line in text.splitlines() if line.startswith(tuple(f"| {n} " for n in names))]
   assert len(rows) == 3 and all(row.count("|") == 10 for row in rows)
   assert "head_only (train): " in rows[1]
 
