@@ -42,6 +42,7 @@ def get_config(arg=None):
   b.ssl = True                          # run the BYOL pretraining stage
   b.cam_weight = a["cam"]               # lambda of Eq. 8 (0: SSL without CAM loss)
   b.cam_relu = False                    # signed Grad-CAM in the loss (see methods/byol_cam.cam_loss)
+  b.cam_logit = "gradcam"               # sigmoid of GC ('gradcam') or of h w GC + b ('cell'; cam_loss)
   b.probe_into_encoder = False          # probe BCE trains the encoder too (see methods/byol_cam)
   b.tau = 0.99                          # target EMA (Eq. 5)
   b.tau_schedule = "constant"           # or BYOL's "cosine" (tau -> 1)

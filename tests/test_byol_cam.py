@@ -55,10 +55,10 @@ def test_boxes_to_mask_matches_annotations():
   assert not got[0].any() and got[1:].any()
 
 
-def numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, size):
+def numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, size, logit="gradcam"):
   """Float64 loop: Grad-CAM of a GAP + linear head (alpha_dc = W_dc / (h w)), signed, upsampled
-  with OpenCV (bilinear, half-pixel centres), BCE against the union of the boxes (Eq. 6-7)."""
-  del bias  # the gradient of a linear head does not depend on it
+  with OpenCV (bilinear, half-pixel centres), BCE against the union of the boxes (Eq. 6-7).
+  logit 'cell': the sigmoid reads the class activation map A . W_c + b_c instead."""
   n, h, w, _ = features.shape
   mask = annotations.boxes_to_mask(boxes, box_labels, size, size)
   total, pairs = 0.0, 0
@@ -67,6 +67,8 @@ def numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, size):
       continue
     for c in sorted(set(box_labels[i][box_labels[i] >= 0].tolist())):
       gc = features[i] @ (kernel[:, c] / (h * w))
+      if logit == "cell":
+        gc = features[i] @ kernel[:, c] + bias[c]
       up = cv2.resize(gc.astype(np.float64), (size, size), interpolation=cv2.INTER_LINEAR)
       sig = 1 / (1 + np.exp(-up))
       total += np.mean(-mask[i] * np.log(sig) - (1 - mask[i]) * np.log(1 - sig))
@@ -74,7 +76,8 @@ def numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, size):
   return total / max(pairs, 1)
 
 
-def test_cam_loss_matches_float64_reference():
+@pytest.mark.parametrize("logit", ["gradcam", "cell"])
+def test_cam_loss_matches_float64_reference(logit):
   rng = np.random.default_rng(2)
   features = rng.normal(size=(3, 4, 4, 6))
   kernel, bias = rng.normal(size=(6, 5)), rng.normal(size=5)
@@ -86,9 +89,17 @@ def test_cam_loss_matches_float64_reference():
   head = byol_cam.linear_head_fn({"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)})
   with jax.enable_x64(True):
     got = float(byol_cam.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes),
-                                  jnp.asarray(box_labels), jnp.asarray(weights), (16, 16)))
-  expected = numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, 16)
-  np.testing.assert_allclose(got, expected, rtol=1e-9)
+                                  jnp.asarray(box_labels), jnp.asarray(weights), (16, 16),
+                                  logit=logit))
+  expected = numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, 16, logit)
+  np.testing.assert_allclose(got, expected, rtol=1e-7)  # OpenCV's bilinear weights: ~5e-9
+  if logit == "cell":  # the cells' logits average to the head's logit
+    cells = 16 * cam.grad_cam(head, jnp.asarray(features), relu=False) + bias[:, None, None]
+    np.testing.assert_allclose(np.mean(cells, axis=(2, 3)), head(jnp.asarray(features)),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="'logits'"):
+    byol_cam.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_labels),
+                      jnp.asarray(weights), (16, 16), logit="logits")
 
 
 class TinyEncoder(nn.Module):
@@ -98,7 +109,8 @@ class TinyEncoder(nn.Module):
     return jnp.tanh(nn.Conv(5, (3, 3), strides=(2, 2), param_dtype=jnp.float64)(x))
 
 
-def test_cam_loss_gradient_through_grad_cam_matches_finite_differences():
+@pytest.mark.parametrize("logit", ["gradcam", "cell"])
+def test_cam_loss_gradient_through_grad_cam_matches_finite_differences(logit):
   """d L_CAM / d encoder params, second order through Grad-CAM, against central differences
   in float64 (step 1e-6: truncation O(h^2) ~ 1e-12, rounding ~ 1e-16 / 1e-6 = 1e-10)."""
   with jax.enable_x64(True):
@@ -114,7 +126,8 @@ def test_cam_loss_gradient_through_grad_cam_matches_finite_differences():
     weights = jnp.ones(2)
 
     def loss(p):
-      return byol_cam.cam_loss(head, encoder.apply(p, images), boxes, box_labels, weights, (16, 16))
+      return byol_cam.cam_loss(head, encoder.apply(p, images), boxes, box_labels, weights, (16, 16),
+                               logit=logit)
 
     loss = jax.jit(loss)
     grads = jax.jit(jax.grad(loss))(params)
@@ -222,6 +235,10 @@ def test_stages_and_sweep():
   with bad.unlocked():
     bad.byol.finetune.plateau_signal = "val_loss"
   with pytest.raises(ValueError, match="config.byol.finetune.plateau_signal 'val_loss'"):
+    method.stages(bad)
+  with bad.unlocked():
+    bad.byol.finetune.plateau_signal, bad.byol.cam_logit = "train_loss", "logits"
+  with pytest.raises(ValueError, match="config.byol.cam_logit 'logits'"):
     method.stages(bad)
   opt = finetune.optimizer
   assert opt.schedule == "plateau" and opt.decay_rate == 0.1 and opt.plateau_patience == 4

@@ -66,6 +66,7 @@ from cxr_jax.models.byol import BYOLNetwork
 
 TARGET_PARTS = ("backbone", "projector")
 TAU_SCHEDULES = ("constant", "cosine")
+CAM_LOGITS = ("gradcam", "cell")
 
 
 # --------------------------------------------------------------------------- losses
@@ -116,7 +117,8 @@ def box_classes(box_labels: jax.Array, num_classes: int) -> jax.Array:
 
 
 def cam_loss(head_fn, features: jax.Array, boxes: jax.Array, box_labels: jax.Array,
-             weights: jax.Array, image_size: tuple[int, int], relu: bool = False) -> jax.Array:
+             weights: jax.Array, image_size: tuple[int, int], relu: bool = False,
+             logit: str = "gradcam") -> jax.Array:
   """L_CAM of Eq. 6-7.
 
   Args:
@@ -129,12 +131,25 @@ def cam_loss(head_fn, features: jax.Array, boxes: jax.Array, box_labels: jax.Arr
       sigmoid(GC) >= 0.5 everywhere, so background pixels can never reach a
       low probability and get no gradient once rectified; the default signed
       map lets the loss push the background down.
+    logit: what the sigmoid reads. 'gradcam': the Grad-CAM map GC itself (Eq. 6
+      read literally). 'cell': h w GC + y^c(0), the class logit each feature-map
+      cell carries; for a GAP + linear head this is the class activation map
+      A(x, y) . W_c + b_c, whose mean over the cells is the head's logit y^c.
+      Grad-CAM averages the gradient over the h w cells, so GC is the same map
+      divided by h w: at 4 x 4 or 7 x 7 maps its values stay near 0, sigmoid(GC)
+      near 0.5 everywhere, and the loss sits above what a constant map reaches.
   Returns:
     mean over (image n, box class c) pairs of
     mean_pixels[-y log sigmoid(GC^{n,c}) - (1 - y) log(1 - sigmoid(GC^{n,c}))];
     0 when no image in the batch has a box.
   """
+  if logit not in CAM_LOGITS:
+    raise ValueError(f"unknown CAM-loss logit {logit!r}; known: {list(CAM_LOGITS)}")
   maps = cam.grad_cam(head_fn, features, relu=relu)                          # [N,K,h,w]
+  if logit == "cell":
+    cells = features.shape[1] * features.shape[2]
+    offset = head_fn(jnp.zeros_like(features[:1]))[0].astype(maps.dtype)    # y^c(0), [K]
+    maps = cells * maps + offset[:, None, None]
   maps = cam.upsample(maps, image_size)                                      # [N,K,H,W]
   mask = boxes_to_mask(boxes, box_labels, *image_size)[:, None]              # [N,1,H,W]
   per_pixel = jax.nn.softplus(maps) - mask * maps                            # BCE with logits
@@ -184,14 +199,14 @@ def pretrain_loss(b: ml_collections.ConfigDict, ctx: LossContext, params, batch:
   metrics = {"byol": byol, "probe_bce": probe_bce}
   if b.cam_weight > 0:
     l_cam = cam_loss(linear_head_fn(probe), features, batch["boxes"], batch["box_labels"],
-                     cam_weights(batch), images.shape[1:3], relu=b.cam_relu)
+                     cam_weights(batch), images.shape[1:3], relu=b.cam_relu, logit=b.cam_logit)
     loss = loss + b.cam_weight * l_cam
     metrics["cam"] = l_cam
   return loss, {"metrics": metrics, "batch_stats": batch_stats}
 
 
-def finetune_loss(cam_weight: float, cam_relu: bool, ctx: LossContext, params, batch: Batch,
-                  rng: jax.Array):
+def finetune_loss(cam_weight: float, cam_relu: bool, cam_logit: str, ctx: LossContext, params,
+                  batch: Batch, rng: jax.Array):
   """Weighted BCE of the head (+ cam_weight * L_CAM of the head's Grad-CAM)."""
   del rng
   outputs, batch_stats = ctx.apply(params, batch["image"])
@@ -200,7 +215,7 @@ def finetune_loss(cam_weight: float, cam_relu: bool, ctx: LossContext, params, b
   if cam_weight > 0:
     l_cam = cam_loss(linear_head_fn(params["head"]), outputs["features"], batch["boxes"],
                      batch["box_labels"], cam_weights(batch), batch["image"].shape[1:3],
-                     relu=cam_relu)
+                     relu=cam_relu, logit=cam_logit)
     loss = loss + cam_weight * l_cam
     metrics["cam"] = l_cam
   return loss, {"metrics": metrics, "batch_stats": batch_stats}
@@ -289,6 +304,8 @@ class BYOLCAM:
     if ft.plateau_signal not in PLATEAU_SIGNALS:
       raise ValueError(f"unknown config.byol.finetune.plateau_signal {ft.plateau_signal!r}; "
                        f"known: {list(PLATEAU_SIGNALS)}")
+    if b.cam_logit not in CAM_LOGITS:
+      raise ValueError(f"unknown config.byol.cam_logit {b.cam_logit!r}; known: {list(CAM_LOGITS)}")
     if not 0.0 <= b.tau <= 1.0:
       raise ValueError(f"config.byol.tau must lie in [0, 1], got {b.tau}")
     stages = []
@@ -305,7 +322,8 @@ class BYOLCAM:
     if optimizer.get("schedule") == "plateau":
       optimizer.plateau_min_scale = ft.min_learning_rate / optimizer.learning_rate
     stages.append(Stage(
-        name="finetune", loss=functools.partial(finetune_loss, ft.cam_weight, b.cam_relu),
+        name="finetune", loss=functools.partial(finetune_loss, ft.cam_weight, b.cam_relu,
+                                                b.cam_logit),
         steps=ft.steps, optimizer=optimizer, data=DataSpec(split="train"),
         eval_every=ft.eval_every, early_stopping=None, select_best=True,
         plateau_signal=ft.plateau_signal,
