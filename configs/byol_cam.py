@@ -42,7 +42,10 @@ def get_config(arg=None):
   b.ssl = True                          # run the BYOL pretraining stage
   b.cam_weight = a["cam"]               # lambda of Eq. 8 (0: SSL without CAM loss)
   b.cam_relu = False                    # signed Grad-CAM in the loss (see methods/byol_cam.cam_loss)
-  b.cam_logit = "gradcam"               # sigmoid of GC ('gradcam') or of h w GC + b ('cell'; cam_loss)
+  # What the CAM loss's sigmoid reads: the per-cell class logit h w GC + b ('cell'), or GC itself
+  # ('gradcam': GC is that logit / (h w), near 0 at 4x4-7x7 maps; the loss stayed above a constant
+  # map's for 300 steps; benchmarks/RESULTS.md, Talasila session 9). See methods/byol_cam.cam_loss.
+  b.cam_logit = "cell"
   b.probe_into_encoder = False          # probe BCE trains the encoder too (see methods/byol_cam)
   b.tau = 0.99                          # target EMA (Eq. 5)
   b.tau_schedule = "constant"           # or BYOL's "cosine" (tau -> 1)

@@ -41,7 +41,9 @@ among its boxes, the Grad-CAM map of the encoder's last feature map for c
 against the union of all the image's boxes as a binary mask (pixel-centre
 rule, after the batch's augmentation): l_{n,c} = mean over pixels of
 BCE(sigmoid(GC^{n,c}), mask_n); L_CAM = the mean of l over the (n, c) pairs.
-The gradient flows through Grad-CAM (second order through ``cam.grad_cam``).
+By default (``byol.cam_logit='cell'``) the sigmoid reads GC as a per-cell class
+logit, h w GC + y^c(0); see ``cam_loss``. The gradient flows through Grad-CAM
+(second order through ``cam.grad_cam``).
 
 After training (``after_training``): Grad-CAM vs Grad-CAM++ vs Score-CAM on
 boxed test images (panel PNG and mean box IoU per CAM kind) and a micro-averaged
