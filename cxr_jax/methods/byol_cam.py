@@ -142,8 +142,8 @@ def cam_loss(head_fn, features: jax.Array, boxes: jax.Array, box_labels: jax.Arr
       near 0.5 everywhere, and the loss sits above what a constant map reaches.
   Returns:
     mean over (image n, box class c) pairs of
-    mean_pixels[-y log sigmoid(GC^{n,c}) - (1 - y) log(1 - sigmoid(GC^{n,c}))];
-    0 when no image in the batch has a box.
+    mean_pixels[-y log sigmoid(M^{n,c}) - (1 - y) log(1 - sigmoid(M^{n,c}))], M the
+    upsampled map ``logit`` names (GC or h w GC + y^c(0)); 0 when no image has a box.
   """
   if logit not in CAM_LOGITS:
     raise ValueError(f"unknown CAM-loss logit {logit!r}; known: {list(CAM_LOGITS)}")
