@@ -103,6 +103,19 @@ def test_tiny_suite_end_to_end(tmp_path):
   assert "head_only (train): " in rows[1]
 
 
+def test_gpu_suite_feeds_the_idle_step_from_the_prepared_shards():
+  """With --data_dir the step of input_idle/.../nih/wN and its feed both read the shards."""
+  by_name = {s["name"]: s for s in suites.gpu("/prepared")}
+  for workers in (8, 16):
+    spec = by_name[f"input_idle/resnet50-256/nih/w{workers}"]
+    assert spec["kind"] == "input_idle" and spec["workers"] == workers
+    assert "dataset=nih" in spec["arg"] and "size=256" in spec["arg"]
+    assert spec["overrides"] == {"model.dtype": "bfloat16", "data.data_dir": "/prepared"}
+  synthetic = by_name["input_idle/resnet50-256/w8"]
+  assert "dataset=" not in synthetic["arg"] and "data.data_dir" not in synthetic["overrides"]
+  assert not any("/nih/" in s["name"] for s in suites.gpu())
+
+
 @pytest.mark.parametrize("name", ["cpu-small", "gpu", "memory"])
 def test_suite_names_are_unique(name):
   specs = suites.SUITES[name]()

@@ -125,12 +125,21 @@ def pipeline_figures(size: int, batch: int, workers: tuple[int, ...], data_dir: 
 
 
 def idle(size: int, batch: int, workers: int, backbone: str, width: float, dtype: str,
-         **kw) -> dict:
-  return {**train(f"input_idle/{backbone}-{size}/w{workers}", "baseline", backbone, size, width,
-                  batch, dtype, **kw),
-          "kind": "input_idle", "workers": workers,
-          "what": f"train step fed by the pipeline, {workers} workers, {backbone} w{width} "
-                  f"{size}px b{batch}"}
+         data_dir: str = "", dataset: str = "nih", **kw) -> dict:
+  """Whether the step waits on input: synthetic phantoms (rendered on the fly), or the
+  prepared ``data_dir`` shards of ``dataset`` (both the step and its feed read them)."""
+  if not data_dir:
+    return {**train(f"input_idle/{backbone}-{size}/w{workers}", "baseline", backbone, size,
+                    width, batch, dtype, **kw),
+            "kind": "input_idle", "workers": workers,
+            "what": f"train step fed by the pipeline, {workers} workers, {backbone} w{width} "
+                    f"{size}px b{batch}"}
+  spec = train(f"input_idle/{backbone}-{size}/{dataset}/w{workers}", "baseline", backbone, size,
+               width, batch, dtype, extra=f"dataset={dataset}", **kw)
+  spec["overrides"] = {**spec["overrides"], "data.data_dir": data_dir}
+  return {**spec, "kind": "input_idle", "workers": workers,
+          "what": f"train step fed by prepared {dataset} shards, {workers} workers, {backbone} "
+                  f"w{width} {size}px b{batch}"}
 
 
 def eval_memory(num: int, size: int, width: float, batch: int, **kw) -> dict:
@@ -195,6 +204,8 @@ def gpu(data_dir: str = "") -> list[dict]:
       *gradcam_pair("resnet50-224-b64", "resnet50", 224, 64),
       *pipeline_figures(256, 256, (0, 4, 8, 16), data_dir),
       idle(256, 256, 8, "resnet50", 1.0, "bfloat16", **r),
+      *([idle(256, 256, w, "resnet50", 1.0, "bfloat16", data_dir, **r) for w in (8, 16)]
+        if data_dir else []),
   ]
 
 
@@ -388,7 +399,9 @@ def run_suite(specs: list[dict], *, suite: str, results: str, json_dir: str, con
       run["figures"].append(fig)
       status = fig.get("error", "").strip().splitlines()[-1:] or [
           f"{_fmt(fig.get('img_per_s'))} img/s" if fig.get("img_per_s") else "done"]
-      log(f"[{len(run['figures'])}/{len(specs)}] {spec['name']}: {status[0]} ({fig['wall_s']:.0f} s)")
+      notes = "" if "error" in fig else _notes(fig)
+      log(f"[{len(run['figures'])}/{len(specs)}] {spec['name']}: {status[0]} ({fig['wall_s']:.0f} s)"
+          + (f"; {notes}" if notes else ""))
   path = os.path.join(json_dir, f"{suite}-{now.strftime('%Y%m%dT%H%M%S')}.json")
   fd, tmp = tempfile.mkstemp(dir=json_dir, prefix=".bench-")
   with os.fdopen(fd, "w") as f:
