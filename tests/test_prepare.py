@@ -116,6 +116,39 @@ def test_readable_by_tfds_without_tensorflow(fake):
   assert out.stdout.split() == [str(train), str(len(recs) - train)]
 
 
+def test_png_compression_level_changes_bytes_not_pixels(fake, tmp_path, monkeypatch):
+  """The default (level 0) stores each row's filter byte and pixels uncompressed; level 9
+  decodes to the same pixels in fewer PNG bytes; an unfinished build is not resumed at
+  another level."""
+  recs, _, folder = fake
+  assert prepared.PNG_COMPRESSION == 0
+  level9 = build(recs, tmp_path / "level9", shard_size=5, png_compression=9)
+  raw, packed = prepared.PreparedSource(folder), prepared.PreparedSource(level9)
+  for i in range(len(raw)):
+    np.testing.assert_array_equal(packed[i]["image"], raw[i]["image"])
+  png_bytes = lambda source: [len(source.stored[i]["image"]) for i in range(len(source))]
+  assert min(png_bytes(raw)) >= SIZE * (SIZE + 1)
+  assert sum(png_bytes(packed)) < sum(png_bytes(raw))
+  with pytest.raises(ValueError, match="png_compression=10"):
+    build(recs, tmp_path / "bad", png_compression=10)
+  encode = prepared.encode_record
+
+  def dies_after_seven(record, *args):
+    if len(dies_after_seven.done) == 7:
+      raise KeyboardInterrupt("killed")
+    dies_after_seven.done.append(record.id)
+    return encode(record, *args)
+
+  dies_after_seven.done = []
+  monkeypatch.setattr(prepared, "encode_record", dies_after_seven)
+  with pytest.raises(KeyboardInterrupt):
+    build(recs, tmp_path / "resume", shard_size=3, png_compression=9)
+  monkeypatch.setattr(prepared, "encode_record", encode)
+  with pytest.raises(ValueError, match="unfinished build of different records or options"):
+    build(recs, tmp_path / "resume", shard_size=3)
+  assert build(recs, tmp_path / "resume", shard_size=3, png_compression=9)
+
+
 def test_splits_are_patient_level_and_follow_official_test(fake):
   recs, data_dir, _ = fake
   config = data_config(data_dir)
@@ -201,11 +234,11 @@ def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkey
   calls = {"n": 0}
   encode = prepared.encode_record
 
-  def dies_after_seven(record, image_size):
+  def dies_after_seven(record, *args):
     calls["n"] += 1
     if calls["n"] > 7:
       raise KeyboardInterrupt("killed")
-    return encode(record, image_size)
+    return encode(record, *args)
 
   monkeypatch.setattr(prepared, "encode_record", dies_after_seven)
   with pytest.raises(KeyboardInterrupt):
@@ -224,9 +257,9 @@ def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkey
 
   encoded = []
 
-  def counting(record, image_size):
+  def counting(record, *args):
     encoded.append(record.id)
-    return encode(record, image_size)
+    return encode(record, *args)
 
   monkeypatch.setattr(prepared, "encode_record", counting)
   assert build(recs, tmp_path / "resumed", shard_size=3) == final

@@ -39,6 +39,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--mimic_dir", default="",
                       help="reflacx / egd: the MIMIC-CXR-JPG folder their images come from")
   parser.add_argument("--shard_size", type=int, default=prepared.DEFAULT_SHARD_SIZE)
+  parser.add_argument("--png_compression", type=int, choices=range(10),
+                      default=prepared.PNG_COMPRESSION,
+                      help="zlib level of the stored PNGs; 0 (default) decodes fastest in the "
+                      "training workers, and the shards' own zstd keeps them as small")
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
   if args.shard_size < 1 or args.workers < 1:
@@ -75,7 +79,7 @@ def main(argv: list[str]) -> str:
   folder = prepared.prepare_records(
       args.dataset, recs, problems, space, args.data_dir, args.image_size, **options,
       workers=args.workers, skip_bad=args.skip_bad, shard_size=args.shard_size,
-      progress=not args.no_progress)
+      png_compression=args.png_compression, progress=not args.no_progress)
   seconds = time.perf_counter() - start
   source = prepared.PreparedSource(folder)
   counts = ", ".join(f"{s}: {(source.official_splits == s).sum()}" for s in source.splits)
