@@ -1,0 +1,98 @@
+"""Floor and ceiling of van Sonsbeek's CAM-vs-annotation similarity (Eq. 5) on the phantoms.
+
+    python benchmarks/vkd_cam_floor.py [--config_arg=width=0.25] [--draws=20]
+
+The annotation maps c of ``vkd.collect_cams`` (the annotated test images of the VKD preset),
+scored with ``localization.similarity`` (MSE, soft Dice) and the hard Dice (both maps
+binarized at 0.5) against maps that no model produced:
+  random    per positive class a map of i.i.d. N(0, 1) values on the model's feature grid,
+            upsampled, min-max normalized and maxed over the classes, exactly as
+            ``vkd.positive_class_cams`` treats a signed Grad-CAM (``draws`` draws);
+  ceiling   c area-averaged onto the feature grid, upsampled and min-max normalized:
+            the closest a map of that grid comes to c by this construction;
+  constant  the same value everywhere (1, and each stage's mean CAM mass if given).
+A trained model's S(c, CAM) is read against these rows.
+"""
+
+import argparse
+import os
+import sys
+
+import cv2
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cxr_jax import cam  # noqa: E402
+from cxr_jax.bench import figures  # noqa: E402
+from cxr_jax.data import pipeline  # noqa: E402
+from cxr_jax.evaluation import localization  # noqa: E402
+from cxr_jax.methods import vkd  # noqa: E402
+from cxr_jax.train import parallel  # noqa: E402
+
+
+def hard_dice(c: np.ndarray, m: np.ndarray) -> float:
+  """Mean over images of the Dice of (c >= 0.5) and (m >= 0.5); 0 when both are empty."""
+  a, b = c >= 0.5, m >= 0.5
+  total = a.sum(axis=(1, 2)) + b.sum(axis=(1, 2))
+  return float(np.mean(np.where(total > 0, 2 * (a & b).sum(axis=(1, 2)) / np.maximum(total, 1), 0)))
+
+
+def scores(c: np.ndarray, m: np.ndarray) -> str:
+  return (f"MSE {localization.similarity(c, m, 'mse'):.4f} | soft Dice "
+          f"{localization.similarity(c, m, 'dice'):.4f} | hard Dice {hard_dice(c, m):.4f} | "
+          f"mass {m.mean():.3f}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config_arg", default="width=0.25")
+  parser.add_argument("--draws", type=int, default=20)
+  parser.add_argument("--masses", default="0.558", help="comma-separated constant maps")
+  args = parser.parse_args()
+  config = figures.load_config(ROOT, "vkd", args.config_arg)
+  size = config.data.image_size
+  mesh = parallel.make_mesh()
+  maps = vkd.ANNOTATIONS[config.vkd.annotation]
+  batches = pipeline.make_iterator(
+      vkd.stage2_data_config(config), config.vkd.cam_split, batch_size=config.eval_batch_size,
+      sharding=parallel.data_sharding(mesh), seed=config.seed, shuffle=False, num_epochs=1,
+      drop_remainder=False, maps=maps, augment=False)
+  rows = pipeline.first_rows(
+      batches, lambda b: jax.device_get({"c": vkd.annotation_map(b, maps)[..., 0],
+                                         "labels": b["labels"], "valid": b["valid"]}),
+      lambda host: (host["c"].max(axis=(1, 2)) > 0) & (host["labels"].max(axis=1) > 0),
+      config.vkd.cam_max_images)
+  c, positive = rows["c"].astype(np.float32), rows["labels"] > 0
+  model = vkd.VKD().model(config)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, config.data.channels)),
+                         train=False)
+  features_fn, _ = vkd.VKD().cam_target(model, variables)
+  grid = jax.eval_shape(features_fn, jnp.zeros((1, size, size, config.data.channels))).shape[1:3]
+  print(f"{len(c)} annotated {config.vkd.cam_split} images, {size} px, feature grid "
+        f"{grid[0]}x{grid[1]}, annotation {config.vkd.annotation}, annotated area {c.mean():.3f}")
+
+  def to_cam(grid_maps):  # [N, K, h, w] -> [N, H, W] as positive_class_cams does
+    up = cam.normalize(cam.upsample(jnp.asarray(grid_maps), (size, size)))
+    return np.asarray(jnp.max(up * positive[:, :, None, None], axis=1))
+
+  rng = np.random.default_rng(0)
+  draws = [to_cam(rng.standard_normal((len(c), positive.shape[1]) + tuple(grid)))
+           for _ in range(args.draws)]
+  for name, fn in (("MSE", lambda m: localization.similarity(c, m, "mse")),
+                   ("soft Dice", lambda m: localization.similarity(c, m, "dice")),
+                   ("hard Dice", lambda m: hard_dice(c, m))):
+    values = np.array([fn(m) for m in draws])
+    print(f"random ({args.draws} draws): {name} {values.mean():.4f} +- {values.std():.4f}")
+  pooled = np.stack([cv2.resize(x, (grid[1], grid[0]), interpolation=cv2.INTER_AREA) for x in c])
+  print("ceiling (c on the grid):", scores(c, np.asarray(cam.normalize(cam.upsample(
+      jnp.asarray(pooled), (size, size))))))
+  for value in [1.0] + [float(v) for v in args.masses.split(",") if v]:
+    print(f"constant {value:.3f}:", scores(c, np.full_like(c, value)))
+
+
+if __name__ == "__main__":
+  main()
