@@ -69,6 +69,20 @@ def fake(tmp_path_factory):
   return recs, data_dir, build(recs, data_dir, shard_size=5)
 
 
+def encoder_killed_after(count: int | None, encoded: list):
+  """``prepared.encode_record`` that records each id in ``encoded`` and raises
+  KeyboardInterrupt (a killed build) when asked for record ``count + 1`` (None: never)."""
+  encode = prepared.encode_record
+
+  def encode_or_die(record, *args):
+    if count is not None and len(encoded) == count:
+      raise KeyboardInterrupt("killed")
+    encoded.append(record.id)
+    return encode(record, *args)
+
+  return encode_or_die
+
+
 def independent_image(path: str) -> np.ndarray:
   return cv2.resize(cv2.imread(path, cv2.IMREAD_GRAYSCALE), (SIZE, SIZE),
                     interpolation=cv2.INTER_AREA)
@@ -132,15 +146,7 @@ def test_png_compression_level_changes_bytes_not_pixels(fake, tmp_path, monkeypa
   with pytest.raises(ValueError, match="png_compression=10"):
     build(recs, tmp_path / "bad", png_compression=10)
   encode = prepared.encode_record
-
-  def dies_after_seven(record, *args):
-    if len(dies_after_seven.done) == 7:
-      raise KeyboardInterrupt("killed")
-    dies_after_seven.done.append(record.id)
-    return encode(record, *args)
-
-  dies_after_seven.done = []
-  monkeypatch.setattr(prepared, "encode_record", dies_after_seven)
+  monkeypatch.setattr(prepared, "encode_record", encoder_killed_after(7, []))
   with pytest.raises(KeyboardInterrupt):
     build(recs, tmp_path / "resume", shard_size=3, png_compression=9)
   monkeypatch.setattr(prepared, "encode_record", encode)
@@ -231,16 +237,8 @@ def test_label_space_mapping_by_name(fake):
 
 def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkeypatch):
   recs = fake_records(str(tmp_path))[:12]
-  calls = {"n": 0}
   encode = prepared.encode_record
-
-  def dies_after_seven(record, *args):
-    calls["n"] += 1
-    if calls["n"] > 7:
-      raise KeyboardInterrupt("killed")
-    return encode(record, *args)
-
-  monkeypatch.setattr(prepared, "encode_record", dies_after_seven)
+  monkeypatch.setattr(prepared, "encode_record", encoder_killed_after(7, []))
   with pytest.raises(KeyboardInterrupt):
     build(recs, tmp_path / "resumed", shard_size=3)
   monkeypatch.setattr(prepared, "encode_record", encode)
@@ -256,12 +254,7 @@ def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkey
     prepared.open_prepared(data_config(tmp_path / "resumed"))
 
   encoded = []
-
-  def counting(record, *args):
-    encoded.append(record.id)
-    return encode(record, *args)
-
-  monkeypatch.setattr(prepared, "encode_record", counting)
+  monkeypatch.setattr(prepared, "encode_record", encoder_killed_after(None, encoded))
   assert build(recs, tmp_path / "resumed", shard_size=3) == final
   assert encoded == [r.id for r in recs[6:]]     # only the unfinished shards were encoded
   for name, before in stat.items():

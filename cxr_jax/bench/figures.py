@@ -344,8 +344,9 @@ def pipeline(spec: dict, config_root: str) -> dict:
                                 num_epochs=None, drop_remainder=True)
   # Rounds of >= 3 startup buffers: workers deliver in bursts (each a few batches at once),
   # which a short round can fall inside.
-  warmup = max(spec.get("warmup", 2), startup_batches(config.data))
-  steps = max(spec.get("steps", 5), 3 * startup_batches(config.data))
+  buffered = startup_batches(config.data)
+  warmup = max(spec.get("warmup", 2), buffered)
+  steps = max(spec.get("steps", 5), 3 * buffered)
   try:
     next(iterator)
     cpu_start = _cpu_seconds()
@@ -399,12 +400,13 @@ def input_idle(spec: dict, config_root: str) -> dict:
                                               {k: batch[k] for k in batches[0]})
     return holder["acc"]
 
+  buffered = startup_batches(config.data)
   try:
-    for _ in range(max(spec.get("warmup", 2), startup_batches(config.data))):
+    for _ in range(max(spec.get("warmup", 2), buffered)):
       fed(0)
     jax.block_until_ready(holder["acc"])
     waited[0] = 0.0
-    n = max(spec.get("repeats", 3) * spec.get("steps", 5), 10 * startup_batches(config.data))
+    n = max(spec.get("repeats", 3) * spec.get("steps", 5), 10 * buffered)
     start = time.perf_counter()
     for _ in range(n):
       fed(0)

@@ -128,18 +128,15 @@ def idle(size: int, batch: int, workers: int, backbone: str, width: float, dtype
          data_dir: str = "", dataset: str = "nih", **kw) -> dict:
   """Whether the step waits on input: synthetic phantoms (rendered on the fly), or the
   prepared ``data_dir`` shards of ``dataset`` (both the step and its feed read them)."""
-  if not data_dir:
-    return {**train(f"input_idle/{backbone}-{size}/w{workers}", "baseline", backbone, size,
-                    width, batch, dtype, **kw),
-            "kind": "input_idle", "workers": workers,
-            "what": f"train step fed by the pipeline, {workers} workers, {backbone} w{width} "
-                    f"{size}px b{batch}"}
-  spec = train(f"input_idle/{backbone}-{size}/{dataset}/w{workers}", "baseline", backbone, size,
-               width, batch, dtype, extra=f"dataset={dataset}", **kw)
-  spec["overrides"] = {**spec["overrides"], "data.data_dir": data_dir}
+  source = f"/{dataset}" if data_dir else ""
+  spec = train(f"input_idle/{backbone}-{size}{source}/w{workers}", "baseline", backbone, size,
+               width, batch, dtype, extra=f"dataset={dataset}" if data_dir else "", **kw)
+  if data_dir:
+    spec["overrides"] = {**spec["overrides"], "data.data_dir": data_dir}
+  feed = f"prepared {dataset} shards" if data_dir else "the pipeline"
   return {**spec, "kind": "input_idle", "workers": workers,
-          "what": f"train step fed by prepared {dataset} shards, {workers} workers, {backbone} "
-                  f"w{width} {size}px b{batch}"}
+          "what": f"train step fed by {feed}, {workers} workers, {backbone} w{width} "
+                  f"{size}px b{batch}"}
 
 
 def eval_memory(num: int, size: int, width: float, batch: int, **kw) -> dict:
