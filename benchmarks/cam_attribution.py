@@ -87,13 +87,18 @@ def attribution(maps: np.ndarray, masks: np.ndarray, devices: np.ndarray) -> dic
   }
 
 
+def _mean(values: np.ndarray) -> float:
+  """Mean of the finite entries; nan when there are none."""
+  finite = values[np.isfinite(values)]
+  return float(finite.mean()) if finite.size else float("nan")
+
+
 def summary(name: str, scores: dict, rows: np.ndarray) -> str:
   s = {k: v[rows] for k, v in scores.items()}
   dev = s["device_area"] > 0
-  return (f"| {name} | {rows.sum()} | {np.nanmean(s['mass']):.3f} | {s['area'].mean():.3f} | "
-          f"{np.nanmean(s['mass']) / s['area'].mean():.2f} | {np.nanmean(s['pointing']):.3f} | "
-          f"{np.nanmean(s['device_mass'][dev]) if dev.any() else float('nan'):.3f} | "
-          f"{s['device_area'][dev].mean() if dev.any() else float('nan'):.3f} | "
+  return (f"| {name} | {rows.sum()} | {_mean(s['mass']):.3f} | {s['area'].mean():.3f} | "
+          f"{_mean(s['mass']) / s['area'].mean():.2f} | {_mean(s['pointing']):.3f} | "
+          f"{_mean(s['device_mass'][dev]):.3f} | {_mean(s['device_area'][dev]):.3f} | "
           f"{s['empty'].mean():.2f} |")
 
 
@@ -139,7 +144,7 @@ def main():
   devices = data["device_mask"][image_rows]
   signed = signed[image_rows, class_cols]
   relu = np.maximum(signed, 0)
-  shifted = signed - signed.min(axis=(1, 2), keepdims=True)   # min-max normalized signed map
+  shifted = signed - signed.min(axis=(1, 2), keepdims=True)   # min-max but the scale, which no score reads
   ceiling = grid_ceiling(masks, grid)
 
   classes = schema.get_label_space(config.data.label_space).classes
