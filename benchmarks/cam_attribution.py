@@ -67,6 +67,9 @@ def render_test_images(config, num_images: int) -> dict:
 def grid_ceiling(masks: np.ndarray, grid: int) -> np.ndarray:
   """masks [M,H,W] bool -> [M,H,W]: each mask area-averaged onto a grid x grid map, upsampled."""
   m, h, w = masks.shape
+  if h % grid or w % grid:
+    raise ValueError(f"image side {h} x {w} is not a multiple of the {grid} x {grid} feature grid: "
+                     f"use a config.data.image_size that is")
   cells = masks.reshape(m, grid, h // grid, grid, w // grid).mean(axis=(2, 4))
   return np.asarray(cam.upsample(jnp.asarray(cells[:, None]), (h, w))[:, 0])
 
