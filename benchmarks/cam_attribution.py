@@ -1,4 +1,4 @@
-"""Where a trained model's Grad-CAM falls on the phantoms: on the finding, on support devices, or nowhere.
+"""Where a trained model's Grad-CAM falls on the phantoms: in the class's boxes, on support devices, or nowhere.
 
     python benchmarks/cam_attribution.py --config=vkd:width=0.25,size=128 --workdir=W [--stage=base]
         [--num_images=512] [--override=KEY=VALUE ...]
@@ -20,10 +20,10 @@ feature grid (the best a map of that grid can do).
 """
 
 import argparse
-import ast
 import os
 import sys
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,17 +33,10 @@ sys.path.insert(0, ROOT)
 
 from cxr_jax import cam  # noqa: E402
 from cxr_jax.bench import figures  # noqa: E402
+from cxr_jax.cli.sweep import parse_override  # noqa: E402
 from cxr_jax.data import annotations, pipeline, schema  # noqa: E402
 from cxr_jax.methods import get_method, vkd  # noqa: E402
 from cxr_jax.train import trainer  # noqa: E402
-
-
-def parse_override(text: str):
-  key, _, value = text.partition("=")
-  try:
-    return key, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return key, value
 
 
 def render_test_images(config, num_images: int) -> dict:
@@ -66,12 +59,10 @@ def render_test_images(config, num_images: int) -> dict:
 
 def grid_ceiling(masks: np.ndarray, grid: int) -> np.ndarray:
   """masks [M,H,W] bool -> [M,H,W]: each mask area-averaged onto a grid x grid map, upsampled."""
-  m, h, w = masks.shape
-  if h % grid or w % grid:
-    raise ValueError(f"image side {h} x {w} is not a multiple of the {grid} x {grid} feature grid: "
-                     f"use a config.data.image_size that is")
-  cells = masks.reshape(m, grid, h // grid, grid, w // grid).mean(axis=(2, 4))
-  return np.asarray(cam.upsample(jnp.asarray(cells[:, None]), (h, w))[:, 0])
+  h, w = masks.shape[1:]
+  cells = np.stack([cv2.resize(m.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA)
+                    for m in masks])
+  return np.asarray(cam.upsample(jnp.asarray(cells), (h, w)))
 
 
 def attribution(maps: np.ndarray, masks: np.ndarray, devices: np.ndarray) -> dict:
@@ -126,19 +117,17 @@ def main():
   images = pipeline.normalize_images(jnp.asarray(data["image"]), config.data.normalization,
                                      config.data.channels)
 
+  features_fn = lambda v, x: method.cam_target(model, v)[0](x)
+  grid = jax.eval_shape(features_fn, variables, images[:1]).shape[1]
+
   @jax.jit
   def class_maps(variables, images):
     features_fn, head_fn = method.cam_target(model, variables)
-    features = features_fn(images)
-    signed = cam.grad_cam(head_fn, features, relu=False)                     # [N,K,h,w]
-    return cam.upsample(signed, images.shape[1:3]), features.shape[1]
+    signed = cam.grad_cam(head_fn, features_fn(images), relu=False)          # [N,K,h,w]
+    return cam.upsample(signed, images.shape[1:3])
 
-  signed, grid = [], None
-  for start in range(0, len(images), 64):
-    maps, grid = class_maps(variables, images[start:start + 64])
-    signed.append(np.asarray(maps))
-  signed = np.concatenate(signed)
-  grid = int(grid)
+  signed = np.concatenate([np.asarray(class_maps(variables, images[start:start + 64]))
+                           for start in range(0, len(images), 64)])
 
   image_rows, class_cols = np.nonzero(data["labels"] > 0)
   masks = data["box_masks"][image_rows, class_cols]
