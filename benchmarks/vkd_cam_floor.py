@@ -12,6 +12,12 @@ binarized at 0.5) against maps that no model produced:
             the closest a map of that grid comes to c by this construction;
   constant  the same value everywhere (1, and each stage's mean CAM mass if given).
 A trained model's S(c, CAM) is read against these rows.
+
+With ``--workdir`` of a finished VKD run (same ``--config_arg``), also what stage 2 could reach
+with the encoder frozen: a frozen encoder leaves Grad-CAM only a re-weighting of stage 1's last
+feature maps, so one weight per channel (plus a bias) is fit by least squares to c on the grid
+(c area-averaged) over the first half of the images, and that map, upsampled and min-max
+normalized, is scored on the second half next to each stage's CAM (``vkd.collect_cams``).
 """
 
 import argparse
@@ -47,15 +53,41 @@ def scores(c: np.ndarray, m: np.ndarray) -> str:
           f"mass {m.mean():.3f}")
 
 
+def frozen_reweighting_bound(config, workdir: str, mesh) -> None:
+  """Prints S(c, .) on the second half of the annotated images for both stages' CAMs and for
+  the least-squares channel re-weighting of stage 1's feature maps fit on the first half."""
+  method = vkd.VKD()
+  model = method.model(config)
+  variables = {stage: vkd.load_stage_variables(workdir, stage) for stage in ("base", "prior")}
+  rows = vkd.collect_cams(method, model, variables, config, mesh=mesh)
+  c = rows["annotation"].astype(np.float64)
+  features_fn = jax.jit(method.cam_target(model, variables["base"])[0])
+  features = np.asarray(features_fn(jnp.asarray(rows["image"])[..., None]), np.float64)
+  n, h, w, d = features.shape
+  pooled = np.stack([cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA) for x in c])
+  design = np.concatenate([features.reshape(n, h * w, d), np.ones((n, h * w, 1))], axis=-1)
+  fit, held_out = np.arange(n // 2), np.arange(n // 2, n)
+  weights, *_ = np.linalg.lstsq(design[fit].reshape(-1, d + 1), pooled[fit].reshape(-1), rcond=None)
+  best = np.asarray(cam.normalize(cam.upsample(jnp.asarray((design @ weights).reshape(n, h, w)),
+                                               c.shape[1:])))
+  print(f"{workdir}: {n} images, fit on {len(fit)}, scored on {len(held_out)}")
+  for name, maps in (("stage-1 CAM", rows["base"]), ("stage-2 CAM", rows["prior"]),
+                     ("frozen re-weighting (least squares)", best)):
+    print(f"{name}:", scores(c[held_out], np.asarray(maps, np.float64)[held_out]))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config_arg", default="width=0.25")
   parser.add_argument("--draws", type=int, default=20)
   parser.add_argument("--masses", default="0.558", help="comma-separated constant maps")
+  parser.add_argument("--workdir", default="", help="a finished VKD run: the frozen-encoder bound")
   args = parser.parse_args()
   config = figures.load_config(ROOT, "vkd", args.config_arg)
   size = config.data.image_size
   mesh = parallel.make_mesh()
+  if args.workdir:
+    frozen_reweighting_bound(config, args.workdir, mesh)
   maps = vkd.ANNOTATIONS[config.vkd.annotation]
   batches = pipeline.make_iterator(
       vkd.stage2_data_config(config), config.vkd.cam_split, batch_size=config.eval_batch_size,
