@@ -1,5 +1,7 @@
 """Talasila 2023 (BYOL + CAM loss): Eq. 3, Eq. 5, Eq. 6-7 and its gradient, stages, report."""
 
+import types
+
 import cv2
 import flax.linen as nn
 import jax
@@ -261,6 +263,42 @@ def test_stages_and_sweep():
   other = byol_config.get_config("dataset=chexpert,pretrain=nih")
   assert byol_cam.pretrain_overrides(other) == {"name": "nih", "label_space": "nih14",
                                                 "manual_dir": ""}
+
+
+def test_finetune_head_from_probe():
+  """head_init='probe': fine-tuning's prepare copies the probe into the head and nothing else;
+  mismatched label spaces and a run without pretraining are refused, naming the key."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  params = {"probe": {"kernel": normal(8, 5), "bias": normal(5)},
+            "head": {"kernel": np.zeros((8, 5), np.float32), "bias": np.zeros(5, np.float32)},
+            "backbone": {"w": normal(3, 3)}}
+  extras = {"marker": np.ones(2)}
+  ctx = types.SimpleNamespace(params=params, extras=extras)
+  new_params, new_extras = byol_cam.head_from_probe(ctx)
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(new_params["head"][name], params["probe"][name])
+    np.testing.assert_array_equal(new_params["probe"][name], params["probe"][name])
+  np.testing.assert_array_equal(new_params["backbone"]["w"], params["backbone"]["w"])
+  assert new_extras is extras and not np.any(params["head"]["kernel"])   # input left as it was
+  other = {**params, "head": {"kernel": np.zeros((8, 3)), "bias": np.zeros(3)}}
+  with pytest.raises(ValueError, match="config.byol.finetune.head_init='probe'.*label spaces"):
+    byol_cam.head_from_probe(types.SimpleNamespace(params=other, extras=extras))
+
+  method = get_method("byol_cam")
+  c = byol_config.get_config("runlocal")
+  assert method.stages(c)[-1].prepare is None                            # default: a fresh head
+  with c.unlocked():
+    c.byol.finetune.head_init = "probe"
+  assert method.stages(c)[-1].prepare is byol_cam.head_from_probe
+  with c.unlocked():
+    c.byol.ssl = False
+  with pytest.raises(ValueError, match="config.byol.ssl=True"):
+    method.stages(c)
+  with c.unlocked():
+    c.byol.ssl, c.byol.finetune.head_init = True, "linear"
+  with pytest.raises(ValueError, match="config.byol.finetune.head_init 'linear'"):
+    method.stages(c)
 
 
 class IdentityCam:

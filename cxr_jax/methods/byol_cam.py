@@ -69,6 +69,7 @@ from cxr_jax.models.byol import BYOLNetwork
 TARGET_PARTS = ("backbone", "projector")
 TAU_SCHEDULES = ("constant", "cosine")
 CAM_LOGITS = ("gradcam", "cell")
+HEAD_INITS = ("fresh", "probe")
 
 
 # --------------------------------------------------------------------------- losses
@@ -258,6 +259,19 @@ def ema_update(base_tau: float, schedule: str, total_steps: int, state):
   return state.replace(extras={"target": target, "ema_step": extras["ema_step"] + 1})
 
 
+def head_from_probe(ctx) -> tuple[dict, dict]:
+  """Fine-tuning's ``prepare`` with ``byol.finetune.head_init='probe'``: the new head starts as
+  a copy of the pretraining probe, the class layer the CAM loss shaped. The paper replaces
+  "the encoder's fully-connected layer" for fine-tuning because CheXpert's labels are not NIH's;
+  with one label space for both stages the head can start from it. Returns (params, extras)."""
+  probe, head = ctx.params["probe"], ctx.params["head"]
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  if shapes(probe) != shapes(head):
+    raise ValueError(f"config.byol.finetune.head_init='probe' needs the pretraining and fine-tuning "
+                     f"label spaces to match: probe {shapes(probe)}, head {shapes(head)}")
+  return {**ctx.params, "head": jax.tree.map(jnp.array, probe)}, ctx.extras
+
+
 def drop_extras(params, extras) -> dict:
   """Fine-tuning keeps no target network."""
   del params, extras
@@ -308,6 +322,12 @@ class BYOLCAM:
                        f"known: {list(PLATEAU_SIGNALS)}")
     if b.cam_logit not in CAM_LOGITS:
       raise ValueError(f"unknown config.byol.cam_logit {b.cam_logit!r}; known: {list(CAM_LOGITS)}")
+    if ft.head_init not in HEAD_INITS:
+      raise ValueError(f"unknown config.byol.finetune.head_init {ft.head_init!r}; "
+                       f"known: {list(HEAD_INITS)}")
+    if ft.head_init == "probe" and not b.ssl:
+      raise ValueError("config.byol.finetune.head_init='probe' needs the pretraining stage "
+                       "(config.byol.ssl=True): the probe is trained there")
     if not 0.0 <= b.tau <= 1.0:
       raise ValueError(f"config.byol.tau must lie in [0, 1], got {b.tau}")
     stages = []
@@ -329,7 +349,8 @@ class BYOLCAM:
         steps=ft.steps, optimizer=optimizer, data=DataSpec(split="train"),
         eval_every=ft.eval_every, early_stopping=None, select_best=True,
         plateau_signal=ft.plateau_signal,
-        init_extras=drop_extras if b.ssl else None, batch_size=ft.batch_size))
+        init_extras=drop_extras if b.ssl else None, batch_size=ft.batch_size,
+        prepare=head_from_probe if ft.head_init == "probe" else None))
     return stages
 
   def predict(self, model: nn.Module, variables, batch: Batch) -> dict[str, jax.Array]:
