@@ -17,6 +17,8 @@ map shifted to min 0, and a ceiling row that scores the mask itself area-average
 feature grid (the best a map of that grid can do).
 
 --stage reads WORKDIR/best/<stage> (VKD: 'base' = stage 1); without it the run's final state.
+--head_from=NAME scores the params subtree NAME as the class head, in place of 'head' (byol_cam:
+'probe', the pretraining probe the CAM loss trains; on a checkpoint from the end of pretraining).
 """
 
 import argparse
@@ -103,6 +105,7 @@ def main():
   parser.add_argument("--stage", default="")
   parser.add_argument("--num_images", type=int, default=512)
   parser.add_argument("--override", action="append", default=[])
+  parser.add_argument("--head_from", default="", help="params subtree to score as the head")
   args = parser.parse_args()
   name, _, arg = args.config.partition(":")
   config = figures.load_config(ROOT, name, arg, dict(map(parse_override, args.override)))
@@ -112,6 +115,12 @@ def main():
     variables = vkd.load_stage_variables(args.workdir, args.stage, config.keep_checkpoints)
   else:
     _, _, variables, _ = trainer.restore_for_eval(config, args.workdir)
+  if args.head_from:
+    if args.head_from not in variables["params"]:
+      raise KeyError(f"--head_from={args.head_from!r}: {args.workdir} params have "
+                     f"{sorted(variables['params'])}")
+    variables = {**variables, "params": {**variables["params"],
+                                         "head": variables["params"][args.head_from]}}
 
   data = render_test_images(config, args.num_images)
   images = pipeline.normalize_images(jnp.asarray(data["image"]), config.data.normalization,
