@@ -53,9 +53,17 @@ def scores(c: np.ndarray, m: np.ndarray) -> str:
           f"mass {m.mean():.3f}")
 
 
+def area_average(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+  """[N,H,W] -> [N,height,width]: each map area-averaged onto the feature grid."""
+  return np.stack([cv2.resize(x, (width, height), interpolation=cv2.INTER_AREA) for x in maps])
+
+
 def frozen_reweighting_bound(config, workdir: str, mesh) -> None:
   """Prints S(c, .) on the second half of the annotated images for both stages' CAMs and for
   the least-squares channel re-weighting of stage 1's feature maps fit on the first half."""
+  if config.data.channels != 1:
+    raise ValueError(f"--workdir: the bound re-reads the CAM images' first channel; "
+                     f"config.data.channels={config.data.channels} (one-channel data only)")
   method = vkd.VKD()
   model = method.model(config)
   variables = {stage: vkd.load_stage_variables(workdir, stage) for stage in ("base", "prior")}
@@ -64,7 +72,7 @@ def frozen_reweighting_bound(config, workdir: str, mesh) -> None:
   features_fn = jax.jit(method.cam_target(model, variables["base"])[0])
   features = np.asarray(features_fn(jnp.asarray(rows["image"])[..., None]), np.float64)
   n, h, w, d = features.shape
-  pooled = np.stack([cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA) for x in c])
+  pooled = area_average(c, h, w)
   design = np.concatenate([features.reshape(n, h * w, d), np.ones((n, h * w, 1))], axis=-1)
   fit, held_out = np.arange(n // 2), np.arange(n // 2, n)
   weights, *_ = np.linalg.lstsq(design[fit].reshape(-1, d + 1), pooled[fit].reshape(-1), rcond=None)
@@ -119,7 +127,7 @@ def main():
                    ("hard Dice", lambda m: hard_dice(c, m))):
     values = np.array([fn(m) for m in draws])
     print(f"random ({args.draws} draws): {name} {values.mean():.4f} +- {values.std():.4f}")
-  pooled = np.stack([cv2.resize(x, (grid[1], grid[0]), interpolation=cv2.INTER_AREA) for x in c])
+  pooled = area_average(c, grid[0], grid[1])
   print("ceiling (c on the grid):", scores(c, np.asarray(cam.normalize(cam.upsample(
       jnp.asarray(pooled), (size, size))))))
   for value in [1.0] + [float(v) for v in args.masses.split(",") if v]:
