@@ -75,9 +75,11 @@ def get_config(arg=None):
   # improvement in training loss"; mean loss since the previous eval) or 'eval' (val AUROC).
   ft.plateau_signal = "train_loss"
   ft.cam_weight = 0.0                   # CAM loss on the head while fine-tuning (XRV + CAM loss)
-  # The fine-tuning head: 'fresh' (the paper's new fully-connected layer) or 'probe' (a copy of
-  # the pretraining probe that the CAM loss trained; needs one label space for both stages).
-  ft.head_init = "fresh"
+  # The fine-tuning head: 'fresh' (a new fully-connected layer, as the paper must for NIH ->
+  # CheXpert), 'probe' (a copy of the pretraining probe that the CAM loss trained; needs one label
+  # space for both stages) or 'auto': 'probe' when both stages share the label space, else
+  # 'fresh'. A fresh head loses the CAM loss's localization (benchmarks/RESULTS.md, Talasila).
+  ft.head_init = "auto"
   ft.min_learning_rate = 1e-6
   ft.optimizer = ml_collections.ConfigDict(dict(
       name="adam", learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.0, schedule="plateau",

@@ -267,7 +267,8 @@ def test_stages_and_sweep():
 
 def test_finetune_head_from_probe():
   """head_init='probe': fine-tuning's prepare copies the probe into the head and nothing else;
-  mismatched label spaces and a run without pretraining are refused, naming the key."""
+  'auto' picks it exactly when both stages share a label space; mismatched label spaces and a
+  run without pretraining are refused, naming the key."""
   rng = np.random.default_rng(0)
   normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
   params = {"probe": {"kernel": normal(8, 5), "bias": normal(5)},
@@ -287,12 +288,19 @@ def test_finetune_head_from_probe():
 
   method = get_method("byol_cam")
   c = byol_config.get_config("runlocal")
-  assert method.stages(c)[-1].prepare is None                            # default: a fresh head
+  assert c.byol.finetune.head_init == "auto"
+  assert method.stages(c)[-1].prepare is byol_cam.head_from_probe        # one label space: probe
+  for pretrain, expected in (("nih", None), ("", byol_cam.head_from_probe)):
+    other = byol_config.get_config(f"runlocal,dataset=chexpert,pretrain={pretrain}")
+    assert method.stages(other)[-1].prepare is expected                   # NIH -> CheXpert: fresh
+  with c.unlocked():
+    c.byol.finetune.head_init = "fresh"
+  assert method.stages(c)[-1].prepare is None
+  with c.unlocked():
+    c.byol.ssl, c.byol.finetune.head_init = False, "auto"
+  assert method.stages(c)[-1].prepare is None                            # no probe without SSL
   with c.unlocked():
     c.byol.finetune.head_init = "probe"
-  assert method.stages(c)[-1].prepare is byol_cam.head_from_probe
-  with c.unlocked():
-    c.byol.ssl = False
   with pytest.raises(ValueError, match="config.byol.ssl=True"):
     method.stages(c)
   with c.unlocked():

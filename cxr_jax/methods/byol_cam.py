@@ -69,7 +69,7 @@ from cxr_jax.models.byol import BYOLNetwork
 TARGET_PARTS = ("backbone", "projector")
 TAU_SCHEDULES = ("constant", "cosine")
 CAM_LOGITS = ("gradcam", "cell")
-HEAD_INITS = ("fresh", "probe")
+HEAD_INITS = ("auto", "fresh", "probe")
 
 
 # --------------------------------------------------------------------------- losses
@@ -260,8 +260,8 @@ def ema_update(base_tau: float, schedule: str, total_steps: int, state):
 
 
 def head_from_probe(ctx) -> tuple[dict, dict]:
-  """Fine-tuning's ``prepare`` with ``byol.finetune.head_init='probe'``: the new head starts as
-  a copy of the pretraining probe, the class layer the CAM loss shaped. The paper replaces
+  """Fine-tuning's ``prepare`` when ``finetune_head_init`` is 'probe': the new head starts as a
+  copy of the pretraining probe, the class layer the CAM loss shaped. The paper replaces
   "the encoder's fully-connected layer" for fine-tuning because CheXpert's labels are not NIH's;
   with one label space for both stages the head can start from it. Returns (params, extras)."""
   probe, head = ctx.params["probe"], ctx.params["head"]
@@ -270,6 +270,23 @@ def head_from_probe(ctx) -> tuple[dict, dict]:
     raise ValueError(f"config.byol.finetune.head_init='probe' needs the pretraining and fine-tuning "
                      f"label spaces to match: probe {shapes(probe)}, head {shapes(head)}")
   return {**ctx.params, "head": jax.tree.map(jnp.array, probe)}, ctx.extras
+
+
+def finetune_head_init(config: ml_collections.ConfigDict) -> str:
+  """``byol.finetune.head_init`` with 'auto' resolved: 'probe' when pretraining ran on the
+  fine-tuning label space (the probe's classes are the head's), else 'fresh' (the paper's
+  NIH -> CheXpert case). Raises on an unknown value or 'probe' without pretraining."""
+  b, head_init = config.byol, config.byol.finetune.head_init
+  if head_init not in HEAD_INITS:
+    raise ValueError(f"unknown config.byol.finetune.head_init {head_init!r}; "
+                     f"known: {list(HEAD_INITS)}")
+  if head_init == "probe" and not b.ssl:
+    raise ValueError("config.byol.finetune.head_init='probe' needs the pretraining stage "
+                     "(config.byol.ssl=True): the probe is trained there")
+  if head_init != "auto":
+    return head_init
+  pretrain_space = pretrain_overrides(config).get("label_space", config.data.label_space)
+  return "probe" if b.ssl and pretrain_space == config.data.label_space else "fresh"
 
 
 def drop_extras(params, extras) -> dict:
@@ -322,12 +339,7 @@ class BYOLCAM:
                        f"known: {list(PLATEAU_SIGNALS)}")
     if b.cam_logit not in CAM_LOGITS:
       raise ValueError(f"unknown config.byol.cam_logit {b.cam_logit!r}; known: {list(CAM_LOGITS)}")
-    if ft.head_init not in HEAD_INITS:
-      raise ValueError(f"unknown config.byol.finetune.head_init {ft.head_init!r}; "
-                       f"known: {list(HEAD_INITS)}")
-    if ft.head_init == "probe" and not b.ssl:
-      raise ValueError("config.byol.finetune.head_init='probe' needs the pretraining stage "
-                       "(config.byol.ssl=True): the probe is trained there")
+    head_init = finetune_head_init(config)
     if not 0.0 <= b.tau <= 1.0:
       raise ValueError(f"config.byol.tau must lie in [0, 1], got {b.tau}")
     stages = []
@@ -350,7 +362,7 @@ class BYOLCAM:
         eval_every=ft.eval_every, early_stopping=None, select_best=True,
         plateau_signal=ft.plateau_signal,
         init_extras=drop_extras if b.ssl else None, batch_size=ft.batch_size,
-        prepare=head_from_probe if ft.head_init == "probe" else None))
+        prepare=head_from_probe if head_init == "probe" else None))
     return stages
 
   def predict(self, model: nn.Module, variables, batch: Batch) -> dict[str, jax.Array]:
