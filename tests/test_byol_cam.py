@@ -294,6 +294,9 @@ def test_finetune_head_from_probe():
     other = byol_config.get_config(f"runlocal,dataset=chexpert,pretrain={pretrain}")
     assert method.stages(other)[-1].prepare is expected                   # NIH -> CheXpert: fresh
   with c.unlocked():
+    c.byol.finetune.head_init = "probe"
+  assert method.stages(c)[-1].prepare is byol_cam.head_from_probe
+  with c.unlocked():
     c.byol.finetune.head_init = "fresh"
   assert method.stages(c)[-1].prepare is None
   with c.unlocked():
