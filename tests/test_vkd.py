@@ -358,3 +358,42 @@ def test_prior_reads_the_antialiased_downsampled_map():
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="prior_scale"):
     model.clone(prior_scale=0.0).apply(variables, jnp.asarray(c, jnp.float32), method=VKDModel.prior)
+
+
+def test_spatial_latent_keeps_z_per_cell_and_the_kl_cell_by_cell():
+  config = tiny_vkd_config()
+  config.unlock()
+  config.vkd.spatial_latent, config.vkd.prior_scale = True, 1.0
+  method = TinyVKD()
+  model, variables = _init(method, config)
+  batch = _batch(config)
+  c = jnp.maximum(batch["gaze_map"], batch["box_map"])
+  out = model.apply(variables, batch["image"], c)
+  n, latent = batch["image"].shape[0], config.vkd.latent_dim
+  assert out["features"].shape[1:3] == (8, 8)            # TinyNet: stride 4 at 32 px
+  assert out["mu"].shape == out["prior_mu"].shape == out["prior_logvar"].shape == (n, 8, 8, latent)
+  # The classifier reads z averaged over the cells (posterior mean here).
+  dense = variables["params"]["classifier"]
+  np.testing.assert_allclose(out["logits"], out["mu"].mean(axis=(1, 2)) @ dense["kernel"] + dense["bias"],
+                             rtol=1e-5, atol=1e-6)
+  # p(z|c) is local: cell (i, j) sees pixels 4i..4i+6 x 4j..4j+6 (two stride-2 3 x 3 'SAME'
+  # convolutions), so c changed in the top-left 4 x 4 px moves the prior in cell (0, 0) only.
+  moved = model.apply(variables, batch["image"], c.at[:, :4, :4].set(1.0 - c[:, :4, :4]))
+  changed = np.any(np.asarray(moved["prior_mu"] != out["prior_mu"]), axis=(0, 3))
+  assert changed[0, 0] and changed.sum() == 1
+  # Stage 2's KL: per cell, summed over z's dimensions, averaged over cells and images.
+  _, prior = method.stages(config)
+  ctx = _context(model, variables, **prior.apply_kwargs)
+  _, aux = prior.loss(ctx, variables["params"], batch, jax.random.key(1))
+  train_out, _ = model.apply(variables, batch["image"], c, train=True, train_encoder=False,
+                             mutable=["batch_stats"])
+  np.testing.assert_allclose(
+      aux["metrics"]["kl"],
+      numpy_kl(train_out["mu"], train_out["logvar"], train_out["prior_mu"],
+               train_out["prior_logvar"]).mean(), rtol=1e-4)
+  # A prior encoder reading c at half the side has a coarser map: resized onto the posterior's cells.
+  config.data.image_size, config.vkd.prior_scale = 64, 0.5
+  model, variables = _init(method, config)
+  half = _batch(config)
+  out = model.apply(variables, half["image"], half["box_map"])
+  assert out["mu"].shape == out["prior_mu"].shape == (n, 16, 16, latent)

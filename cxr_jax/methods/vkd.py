@@ -5,7 +5,8 @@ classifier p(y|z,x), prior p(z|c) from a second encoder of the annotation map).
 
 Loss (Eq. 3 / 4): BCE(y, p(y|z,x)) averaged over ``vkd.train_samples``
 reparameterised samples of z, plus beta * KL(q(z|x) || prior), the KL in
-closed form (``losses.gaussian_kl``), averaged over the batch; beta is
+closed form (``losses.gaussian_kl``; with ``vkd.spatial_latent`` the mean of
+the per-cell KLs), averaged over the batch; beta is
 ``vkd.beta`` in stage 1 (Eq. 3) and ``vkd.stage2.beta`` in stage 2 (Eq. 4).
 
 Stages (Sec. 3.3):
@@ -124,7 +125,8 @@ def vkd_loss(beta: float, num_samples: int, maps: tuple[str, ...], ctx: LossCont
     prior_mu = prior_logvar = jnp.zeros_like(outputs["mu"])
   else:
     prior_mu, prior_logvar = outputs["prior_mu"], outputs["prior_logvar"]
-  kl = losses.gaussian_kl(outputs["mu"], outputs["logvar"], prior_mu, prior_logvar)   # [N]
+  kl = losses.gaussian_kl(outputs["mu"], outputs["logvar"], prior_mu, prior_logvar)   # [N] or [N,h,w]
+  kl = jnp.mean(kl, axis=tuple(range(1, kl.ndim)))    # spatial z: the mean over the cells
   valid = batch.get("valid", jnp.ones_like(kl)).astype(jnp.float32)
   kl = jnp.sum(kl * valid) / jnp.maximum(jnp.sum(valid), 1.0)
   return bce + beta * kl, {"metrics": {"bce": bce, "kl": kl}, "batch_stats": batch_stats}
@@ -146,7 +148,8 @@ class VKD:
     return VKDModel(encoder=self.backbone(config), prior_encoder=self.backbone(config),
                     num_classes=len(schema.get_label_space(config.data.label_space)),
                     latent_dim=v.latent_dim, hidden=v.hidden, concat_feature=v.concat_feature,
-                    image_channels=config.data.channels, prior_scale=v.prior_scale)
+                    image_channels=config.data.channels, prior_scale=v.prior_scale,
+                    spatial_latent=v.spatial_latent)
 
   def stages(self, config: ml_collections.ConfigDict) -> list[Stage]:
     v = config.vkd

@@ -7,8 +7,10 @@ Classifier p(y|z, x): one Dense layer on z (or on [z, pooled image feature]
 when ``concat_feature``) -> K logits.
 Prior p(z|c) (Eq. 4): a second encoder of the same type on the annotation map
 c -> global average pooling -> two-layer MLP (hidden ``hidden``) ->
-(mu_p, logvar_p). Stage 1's prior N(0, I) has no parameters. The prior encoder
-reads c resized to ``prior_scale`` of the image side (antialiased; at least
+(mu_p, logvar_p). Stage 1's prior N(0, I) has no parameters.
+With ``spatial_latent`` the MLPs act on every cell of their encoder's feature
+map instead of on its pooled vector, so z, the prior and the KL are per cell.
+The prior encoder reads c resized to ``prior_scale`` of the image side (antialiased; at least
 ``MIN_PRIOR_SIZE`` px): c is a smooth map, and the prior encoder is the only
 network stage 2 trains through, so its resolution sets stage 2's cost.
 
@@ -61,6 +63,10 @@ class VKDModel(nn.Module):
     image_channels: C; the one-channel annotation map is repeated to C channels.
     prior_scale: the prior encoder reads c at this fraction of the image side
       (``prior_input_size``; 1.0 = the paper's full resolution).
+    spatial_latent: z is a map [N,h,w,L]: CH1, CH2 and the prior head act on each
+      cell of their encoder's feature map (1 x 1 convolutions), the classifier reads
+      z averaged over the cells, and the KL compares q and p cell by cell. False: z
+      [N,L] from the pooled feature.
   """
   encoder: nn.Module
   prior_encoder: nn.Module
@@ -70,6 +76,7 @@ class VKDModel(nn.Module):
   concat_feature: bool = False
   image_channels: int = 1
   prior_scale: float = 1.0
+  spatial_latent: bool = False
 
   def setup(self):
     self.ch1 = MLP((self.hidden, self.hidden))
@@ -82,13 +89,18 @@ class VKDModel(nn.Module):
     return self.encoder(x, train=train)
 
   def posterior(self, features: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Feature map [N,h,w,D] -> (pooled [N,D], mu [N,L], logvar [N,L]) of q(z|x)."""
-    pooled = global_avg_pool(features.astype(jnp.float32))
-    mu, logvar = split_gaussian(self.ch2(nn.relu(self.ch1(pooled))))
+    """Feature map [N,h,w,D] -> (pooled [N,D], mu, logvar) of q(z|x), [N,L] or, with
+    ``spatial_latent``, [N,h,w,L]."""
+    features = features.astype(jnp.float32)
+    pooled = global_avg_pool(features)
+    h = self.ch1(features if self.spatial_latent else pooled)
+    mu, logvar = split_gaussian(self.ch2(nn.relu(h)))
     return pooled, mu, logvar
 
   def classify(self, z: jax.Array, pooled: jax.Array) -> jax.Array:
-    """p(y|z, x): z [..., N, L] (pooled [N, D]) -> logits [..., N, K]."""
+    """p(y|z, x): z [..., N, L] or [..., N, h, w, L] (pooled [N, D]) -> logits [..., N, K]."""
+    if self.spatial_latent:
+      z = jnp.mean(z, axis=(-3, -2))
     if self.concat_feature:
       pooled = jnp.broadcast_to(pooled, z.shape[:-1] + pooled.shape[-1:])
       z = jnp.concatenate([z, pooled], axis=-1)
@@ -99,16 +111,23 @@ class VKDModel(nn.Module):
     pooled, mu, _ = self.posterior(features)
     return self.classify(mu, pooled)
 
-  def prior(self, annotation: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    """p(z|c): annotation map [N,H,W,1] in [0,1] -> (mu_p [N,L], logvar_p [N,L])."""
+  def prior(self, annotation: jax.Array, train: bool = False,
+            grid: tuple[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
+    """p(z|c): annotation map [N,H,W,1] in [0,1] -> (mu_p, logvar_p) [N,L]; with
+    ``spatial_latent`` [N,h,w,L] on ``grid`` = (h, w), the posterior's cells (the
+    prior encoder's map is resized to it when ``prior_scale`` makes it smaller)."""
     n, height, width, _ = annotation.shape
     size = (prior_input_size(height, self.prior_scale), prior_input_size(width, self.prior_scale))
     if size != (height, width):
       annotation = jax.image.resize(annotation.astype(jnp.float32), (n, *size, 1), "linear",
                                     antialias=True)
     c = jnp.broadcast_to(annotation, annotation.shape[:-1] + (self.image_channels,))
-    pooled = global_avg_pool(self.prior_encoder(c, train=train).astype(jnp.float32))
-    return split_gaussian(self.prior_head(pooled))
+    features = self.prior_encoder(c, train=train).astype(jnp.float32)
+    if not self.spatial_latent:
+      return split_gaussian(self.prior_head(global_avg_pool(features)))
+    if grid is not None and features.shape[1:3] != tuple(grid):
+      features = jax.image.resize(features, (n, *grid, features.shape[-1]), "linear", antialias=True)
+    return split_gaussian(self.prior_head(features))
 
   def __call__(self, x: jax.Array, annotation: jax.Array | None = None, *, train: bool = False,
                train_encoder: bool = True, num_samples: int = 0) -> dict[str, jax.Array]:
@@ -123,8 +142,9 @@ class VKDModel(nn.Module):
       num_samples: S > 0 draws S reparameterised samples of z (rng 'sample').
     Returns:
       'logits' [N,K] at the posterior mean; 'features' [N,h,w,D]; 'mu',
-      'logvar' [N,L]; with S > 0 'sample_logits' [S,N,K]; with an
-      annotation 'prior_mu', 'prior_logvar' [N,L].
+      'logvar' [N,L] ([N,h,w,L] with ``spatial_latent``); with S > 0
+      'sample_logits' [S,N,K]; with an annotation 'prior_mu', 'prior_logvar'
+      shaped as 'mu'.
     """
     features = self.encode(x, train=train and train_encoder)
     pooled, mu, logvar = self.posterior(features)
@@ -135,5 +155,6 @@ class VKDModel(nn.Module):
     if annotation is None and self.is_initializing():
       annotation = jnp.zeros(x.shape[:-1] + (1,), jnp.float32)  # create the prior's params
     if annotation is not None:
-      out["prior_mu"], out["prior_logvar"] = self.prior(annotation, train=train)
+      out["prior_mu"], out["prior_logvar"] = self.prior(annotation, train=train,
+                                                        grid=features.shape[1:3])
     return out
