@@ -374,8 +374,8 @@ def test_spatial_latent_keeps_z_per_cell_and_the_kl_cell_by_cell():
   assert out["mu"].shape == out["prior_mu"].shape == out["prior_logvar"].shape == (n, 8, 8, latent)
   # The classifier reads z averaged over the cells (posterior mean here).
   dense = variables["params"]["classifier"]
-  np.testing.assert_allclose(out["logits"], out["mu"].mean(axis=(1, 2)) @ dense["kernel"] + dense["bias"],
-                             rtol=1e-5, atol=1e-6)
+  by_hand = out["mu"].mean(axis=(1, 2)) @ dense["kernel"] + dense["bias"]
+  np.testing.assert_allclose(out["logits"], by_hand, rtol=1e-5, atol=1e-6)
   # p(z|c) is local: cell (i, j) sees pixels 4i..4i+6 x 4j..4j+6 (two stride-2 3 x 3 'SAME'
   # convolutions), so c changed in the top-left 4 x 4 px moves the prior in cell (0, 0) only.
   moved = model.apply(variables, batch["image"], c.at[:, :4, :4].set(1.0 - c[:, :4, :4]))
@@ -391,7 +391,8 @@ def test_spatial_latent_keeps_z_per_cell_and_the_kl_cell_by_cell():
       aux["metrics"]["kl"],
       numpy_kl(train_out["mu"], train_out["logvar"], train_out["prior_mu"],
                train_out["prior_logvar"]).mean(), rtol=1e-4)
-  # A prior encoder reading c at half the side has a coarser map: resized onto the posterior's cells.
+  # A prior encoder reading c at half the side has a coarser map, resized onto the posterior's
+  # cells.
   config.data.image_size, config.vkd.prior_scale = 64, 0.5
   model, variables = _init(method, config)
   half = _batch(config)

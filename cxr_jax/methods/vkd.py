@@ -125,7 +125,7 @@ def vkd_loss(beta: float, num_samples: int, maps: tuple[str, ...], ctx: LossCont
     prior_mu = prior_logvar = jnp.zeros_like(outputs["mu"])
   else:
     prior_mu, prior_logvar = outputs["prior_mu"], outputs["prior_logvar"]
-  kl = losses.gaussian_kl(outputs["mu"], outputs["logvar"], prior_mu, prior_logvar)   # [N] or [N,h,w]
+  kl = losses.gaussian_kl(outputs["mu"], outputs["logvar"], prior_mu, prior_logvar)  # [N](,h,w)
   kl = jnp.mean(kl, axis=tuple(range(1, kl.ndim)))    # spatial z: the mean over the cells
   valid = batch.get("valid", jnp.ones_like(kl)).astype(jnp.float32)
   kl = jnp.sum(kl * valid) / jnp.maximum(jnp.sum(valid), 1.0)

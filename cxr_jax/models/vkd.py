@@ -126,7 +126,8 @@ class VKDModel(nn.Module):
     if not self.spatial_latent:
       return split_gaussian(self.prior_head(global_avg_pool(features)))
     if grid is not None and features.shape[1:3] != tuple(grid):
-      features = jax.image.resize(features, (n, *grid, features.shape[-1]), "linear", antialias=True)
+      features = jax.image.resize(features, (n, *grid, features.shape[-1]), "linear",
+                                  antialias=True)
     return split_gaussian(self.prior_head(features))
 
   def __call__(self, x: jax.Array, annotation: jax.Array | None = None, *, train: bool = False,
