@@ -60,8 +60,9 @@ def get_config(arg=None):
   c.vkd.prior_scale = 0.25
   # True: CH1, CH2 and the prior head act per feature-map cell, so z and the KL of Eq. 4 are
   # spatial (models/vkd.py). Use with prior_scale=1.0: the prior encoder's map must have the
-  # posterior's cells (at 0.25 and 96 px it is 1 x 1). On the phantoms it trains a better stage 1
-  # but does not meet issue 6's acceptance either (benchmarks/RESULTS.md, VKD "Session 14").
+  # posterior's cells (at 0.25 and 96 px it is 1 x 1). On the phantoms its stage 1 classifies
+  # better but its Grad-CAMs localize worse, and it does not meet issue 6's acceptance either
+  # (benchmarks/RESULTS.md, VKD "Session 14").
   c.vkd.spatial_latent = False
   c.vkd.concat_feature = False          # classifier reads z only (True: [z, pooled feature])
   # KL weight of Eq. 3 (stage 1, prior N(0, I)). Our BCE is the mean over the K classes while
