@@ -22,7 +22,8 @@ under ``--config.data.data_dir``):
                          on the training folds' boxes, test = fold K.
                          ``get_sweep('dataset=nih')``: Table 4's rows x 5 folds.
   dataset=mimic,subset=S  MIMIC-CXR (Sec. 4.1.2), stage 2 on the prepared
-                         dataset S: 'reflacx' (gaze or boxes) or 'egd' (gaze),
+                         dataset S: 'reflacx' (gaze or boxes), 'egd' (gaze), or
+                         'egd+reflacx' (both gaze sources, Table 1's last row),
                          test = MIMIC's official test split.
 224 px and ImageNet normalization (Sec. 4.2); ImageNet weights come from
 ``--config.model.init_from`` (both encoders, ``VKD.pretrained_prefixes``).
@@ -38,7 +39,12 @@ TABLE4_RELEASES = ("ch1_prior", "ch1_ch2_prior", "all", "ch2_prior")
 # Table 1's annotation kinds the synthetic phantoms and NIH provide (NIH: boxes only).
 TABLE1_ANNOTATIONS = ("boxes", "gaze", "gaze+boxes")
 # MIMIC-CXR's annotated subsets (prepared datasets) and the annotation kinds each provides.
-MIMIC_SUBSETS = {"reflacx": ("gaze", "boxes", "gaze+boxes"), "egd": ("gaze",)}
+MIMIC_SUBSETS = {"reflacx": ("gaze", "boxes", "gaze+boxes"), "egd": ("gaze",),
+                 "egd+reflacx": ("gaze",)}   # both prepared subsets, one after the other
+# Table 1's MIMIC-CXR rows (stage-2 subset, annotation), top to bottom; its "Gaze EGD-CXR &
+# BB REFLACX" row would need a per-subset annotation kind, which stage 2 does not have.
+TABLE1_MIMIC = (("reflacx", "boxes"), ("reflacx", "gaze"), ("egd", "gaze"),
+                ("egd+reflacx", "gaze"))
 
 
 def get_config(arg=None):
@@ -159,11 +165,15 @@ def _mimic_subset(c, subset, size_given):
 
 def get_sweep(arg=None):
   """Override dicts. Synthetic: Table 4's four release rows, then Table 1's other
-  annotation kinds. dataset=nih: Table 4's rows on each of the 5 folds."""
+  annotation kinds. dataset=nih: Table 4's rows on each of the 5 folds.
+  dataset=mimic (with any valid subset= / annotation= in the arg): Table 1's MIMIC-CXR
+  rows (``TABLE1_MIMIC``)."""
   _, a = common.split_arg(arg, VKD_ARGS)
   rows = [{"vkd.release": r, "vkd.annotation": a["annotation"]} for r in TABLE4_RELEASES]
   if "dataset=nih" in (arg or "").split(","):
     return [{**row, "data.cv.fold": fold} for fold in range(5) for row in rows]
+  if "dataset=mimic" in (arg or "").split(","):
+    return [{"vkd.stage2.dataset": subset, "vkd.annotation": kind} for subset, kind in TABLE1_MIMIC]
   rows += [{"vkd.release": VKD_ARGS["release"], "vkd.annotation": kind}
            for kind in TABLE1_ANNOTATIONS if kind != a["annotation"]]
   return rows

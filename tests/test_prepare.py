@@ -500,3 +500,35 @@ def test_corrupt_shard_or_record_raises_naming_the_shard(fake, tmp_path):
   os.remove(stored.paths[3])
   with pytest.raises(schema.ExampleError, match=rf"{shard(3)}: shard file missing"):
     prepared.PreparedSource(copy)[first(3)]
+
+
+def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
+  """data.name 'egd+reflacx' (VKD's two gaze sources): each dataset's split, one after the other."""
+  recs, _, _ = fake
+  half = NUM_PATIENTS // 2 * PER_PATIENT
+  parts = {"egd": recs[:half], "reflacx": recs[half:]}
+  for name, part in parts.items():
+    prepared.prepare_records(name, part, records_lib.Problems(), schema.NIH14, str(tmp_path), SIZE,
+                             progress=False, min_shards=1)
+  joined = data_config(tmp_path, name="egd+reflacx")
+  for split in ("train", "test"):
+    singles = [pipeline.make_source(data_config(tmp_path, name=name), split) for name in parts]
+    source = pipeline.make_source(joined, split)
+    assert len(source) == sum(len(s) for s in singles) > len(singles[0]) > 0
+    expected = [s.source.image_ids[i] for s in singles for i in s.indices]
+    got = [source[i]["image_id"] for i in range(len(source))]
+    assert got == expected
+  # Every reflacx image comes from the second half of the records, every egd one from the first.
+  assert set(got[:len(singles[0])]) <= {r.id for r in parts["egd"]}
+  with pytest.raises(IndexError, match="out of range"):
+    source[len(source)]
+  for bad in ("egd+egd", "egd+", "synthetic+egd"):
+    with pytest.raises(KeyError, match="data.name"):
+      pipeline.make_source(data_config(tmp_path, name=bad), "train")
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  with pipeline.make_iterator(joined, "train", batch_size=8, sharding=sharding, seed=0,
+                              shuffle=False, num_epochs=1, drop_remainder=False,
+                              maps=("gaze_map",), augment=False) as it:
+    seen = sum(int(np.asarray(batch["valid"]).sum()) for batch in it)
+  assert seen == len(pipeline.make_source(joined, "train"))

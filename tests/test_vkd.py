@@ -309,6 +309,19 @@ def test_real_data_presets():
   assert vkd.stage2_data_config(mimic).name == "egd" and mimic.data.name == "mimic"
   with pytest.raises(ValueError, match="provides"):
     vkd_config.get_config("dataset=mimic,subset=egd,annotation=boxes")
+  two_gaze = vkd_config.get_config("dataset=mimic,subset=egd+reflacx,annotation=gaze")
+  assert vkd.VKD().stages(two_gaze)[1].data.overrides == {"name": "egd+reflacx"}
+  # Table 1's MIMIC rows: each override row equals the preset of its subset and annotation.
+  rows = vkd_config.get_sweep("dataset=mimic,subset=reflacx")
+  table1 = [(r["vkd.stage2.dataset"], r["vkd.annotation"]) for r in rows]
+  assert table1 == list(vkd_config.TABLE1_MIMIC)
+  for row in rows:
+    swept = vkd_config.get_config("dataset=mimic,subset=reflacx,annotation=boxes")
+    swept.unlock()
+    swept.update_from_flattened_dict(row)
+    preset = vkd_config.get_config(
+        f"dataset=mimic,subset={row['vkd.stage2.dataset']},annotation={row['vkd.annotation']}")
+    assert swept.to_dict() == preset.to_dict(), row
   with pytest.raises(KeyError, match="subset"):
     vkd_config.get_config("dataset=mimic")
   with pytest.raises(KeyError, match="needs dataset=mimic"):
