@@ -40,7 +40,7 @@ TABLE4_RELEASES = ("ch1_prior", "ch1_ch2_prior", "all", "ch2_prior")
 TABLE1_ANNOTATIONS = ("boxes", "gaze", "gaze+boxes")
 # MIMIC-CXR's annotated subsets (prepared datasets) and the annotation kinds each provides.
 MIMIC_SUBSETS = {"reflacx": ("gaze", "boxes", "gaze+boxes"), "egd": ("gaze",),
-                 "egd+reflacx": ("gaze",)}   # both prepared subsets, one after the other
+                 "egd+reflacx": ("gaze",)}   # both subsets joined, split together by patient
 # Table 1's MIMIC-CXR rows (stage-2 subset, annotation), top to bottom; its "Gaze EGD-CXR &
 # BB REFLACX" row would need a per-subset annotation kind, which stage 2 does not have.
 TABLE1_MIMIC = (("reflacx", "boxes"), ("reflacx", "gaze"), ("egd", "gaze"),

@@ -503,25 +503,32 @@ def test_corrupt_shard_or_record_raises_naming_the_shard(fake, tmp_path):
 
 
 def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
-  """data.name 'egd+reflacx' (VKD's two gaze sources): each dataset's split, one after the other."""
+  """data.name 'egd+reflacx' (VKD's two gaze sources): both datasets' images, split together by
+  patient, so a patient in both lands in one split."""
   recs, _, _ = fake
-  half = NUM_PATIENTS // 2 * PER_PATIENT
-  parts = {"egd": recs[:half], "reflacx": recs[half:]}
+  third = NUM_PATIENTS // 3 * PER_PATIENT
+  parts = {"egd": recs[:2 * third], "reflacx": recs[third:]}     # patients 4-7 in both
   for name, part in parts.items():
     prepared.prepare_records(name, part, records_lib.Problems(), schema.NIH14, str(tmp_path), SIZE,
                              progress=False, min_shards=1)
   joined = data_config(tmp_path, name="egd+reflacx")
-  for split in ("train", "test"):
-    singles = [pipeline.make_source(data_config(tmp_path, name=name), split) for name in parts]
-    source = pipeline.make_source(joined, split)
-    assert len(source) == sum(len(s) for s in singles) > len(singles[0]) > 0
-    expected = [s.source.image_ids[i] for s in singles for i in s.indices]
-    got = [source[i]["image_id"] for i in range(len(source))]
-    assert got == expected
-  # Every reflacx image comes from the second half of the records, every egd one from the first.
-  assert set(got[:len(singles[0])]) <= {r.id for r in parts["egd"]}
+  sources = {s: pipeline.make_source(joined, s) for s in ("train", "val", "test")}
+  union = sources["test"].source
+  assert len(union) == len(parts["egd"]) + len(parts["reflacx"])
+  assert sum(len(s) for s in sources.values()) == len(union)
+  by_id, patients, from_reflacx = {r.id: r for r in recs}, {}, 0
+  for split, source in sources.items():
+    for i in range(len(source)):
+      example = source[i]
+      np.testing.assert_array_equal(example["labels"], by_id[example["image_id"]].labels)
+      patients.setdefault(example["patient_id"], set()).add(split)
+      from_reflacx += int(source.indices[i]) >= len(parts["egd"])
+  assert from_reflacx == len(parts["reflacx"])
+  assert all(len(s) == 1 for s in patients.values()), patients
+  assert {p for p, s in patients.items() if s == {"test"}} == {
+      r.patient_id for r in recs if r.official_split == "test"}
   with pytest.raises(IndexError, match="out of range"):
-    source[len(source)]
+    union[len(union)]
   for bad in ("egd+egd", "egd+", "synthetic+egd"):
     with pytest.raises(KeyError, match="data.name"):
       pipeline.make_source(data_config(tmp_path, name=bad), "train")
@@ -531,4 +538,4 @@ def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
                               shuffle=False, num_epochs=1, drop_remainder=False,
                               maps=("gaze_map",), augment=False) as it:
     seen = sum(int(np.asarray(batch["valid"]).sum()) for batch in it)
-  assert seen == len(pipeline.make_source(joined, "train"))
+  assert seen == len(sources["train"])

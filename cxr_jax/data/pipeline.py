@@ -115,27 +115,6 @@ class SplitSource:
     return f"SplitSource({self.name}, {len(self)} images)"
 
 
-class ConcatSource:
-  """The examples of several sources, one after another (``make_source`` of 'A+B')."""
-
-  def __init__(self, sources: Sequence[Any]):
-    self.sources = list(sources)
-    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
-
-  def __len__(self) -> int:
-    return int(self.offsets[-1])
-
-  def __getitem__(self, index: int) -> schema.Example:
-    index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range [0, {len(self)}) of {self!r}")
-    part = int(np.searchsorted(self.offsets, index, side="right") - 1)
-    return self.sources[part][index - int(self.offsets[part])]
-
-  def __repr__(self) -> str:
-    return f"ConcatSource({' + '.join(repr(s) for s in self.sources)})"
-
-
 def synthetic_bounds(num_train: int, num_val: int, num_test: int, images_per_patient: int
                      ) -> np.ndarray:
   """int [4]: train/val/test are [b0, b1), [b1, b2), [b2, b3) of the phantom indices.
@@ -201,24 +180,12 @@ def make_source(data_config: Any, split: str) -> SplitSource:
   images (``splits.cv_split``).
 
   ``data.name`` 'A+B' (e.g. 'egd+reflacx', two gaze sources of van Sonsbeek's
-  Table 1) concatenates the split of each named dataset (``ConcatSource``), read
-  with the same label space and image size.
+  Table 1) reads prepared datasets as one (``prepared.JoinedSource``).
   """
-  if "+" in data_config.name:
-    names = data_config.name.split("+")
-    if len(set(names)) != len(names) or "synthetic" in names or "" in names:
-      raise KeyError(f"data.name={data_config.name!r}: join distinct prepared datasets with '+'")
-    parts = []
-    for name in names:
-      part = data_config.copy_and_resolve_references()
-      with part.unlocked():
-        part.name = name
-      parts.append(make_source(part, split))
-    return ConcatSource(parts)
   if data_config.name == "synthetic":
     return _synthetic_source(data_config, split)
   from cxr_jax.data import prepared  # pylint: disable=import-outside-toplevel
-  if data_config.name not in prepared.DATASETS:
+  if not set(data_config.name.split("+")) <= set(prepared.DATASETS):
     raise KeyError(f"data.name={data_config.name!r}; known: 'synthetic', "
                    f"{list(prepared.DATASETS)}")
   return prepared.make_source(data_config, split)  # real data, prepared by cxr-prepare

@@ -622,6 +622,15 @@ class StoredExamples:
       raise schema.ExampleError(f"{self.paths[shard]} record {record}: {e}") from e
 
 
+def locate(offsets: np.ndarray, index: int, source: Any) -> tuple[int, int]:
+  """(part, index within it) of ``index`` over parts starting at ``offsets`` (cumulative
+  sizes, leading 0); IndexError naming ``source`` outside [0, offsets[-1])."""
+  if not 0 <= index < offsets[-1]:
+    raise IndexError(f"index {index} out of range [0, {offsets[-1]}) of {source!r}")
+  part = int(np.searchsorted(offsets, index, side="right") - 1)
+  return part, index - int(offsets[part])
+
+
 class PreparedSource:
   """Random access over all stored splits of a prepared dataset (train, then val, then test).
 
@@ -660,10 +669,8 @@ class PreparedSource:
 
   def __getitem__(self, index: int) -> schema.Example:
     index = int(index)
-    if not 0 <= index < len(self):
-      raise IndexError(f"index {index} out of range [0, {len(self)}) of {self!r}")
-    part = int(np.searchsorted(self.offsets, index, side="right") - 1)
-    split, local = self.splits[part], index - int(self.offsets[part])
+    part, local = locate(self.offsets, index, self)
+    split = self.splits[part]
     raw = self.stored[index]
     origin = f"{self.folder} split {split!r} example {local}"
     fields = dict(raw, image_id=raw["image_id"].decode(), patient_id=raw["patient_id"].decode())
@@ -674,6 +681,30 @@ class PreparedSource:
     if image is None:
       raise schema.ExampleError(f"{origin}: undecodable PNG image")
     return assemble_example(image, fields, self.stored_space, self.label_space, origin)
+
+
+class JoinedSource:
+  """Several datasets as one (data.name 'A+B'): their images one after the other, with the
+  index attributes of ``PreparedSource`` concatenated. ``make_source`` then splits the union
+  by patient, so a patient in two of the datasets lands in one split."""
+
+  def __init__(self, sources: Sequence[PreparedSource | ReaderSource]):
+    self.sources = list(sources)
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+    joined = lambda attr: np.concatenate([getattr(s, attr) for s in self.sources])
+    self.image_ids, self.patient_ids = joined("image_ids"), joined("patient_ids")
+    self.num_boxes, self.official_splits = joined("num_boxes"), joined("official_splits")
+    self.splits = [s for s in SPLITS if s in set(self.official_splits.tolist())]
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __repr__(self) -> str:
+    return f"JoinedSource({' + '.join(repr(s) for s in self.sources)})"
+
+  def __getitem__(self, index: int) -> schema.Example:
+    part, local = locate(self.offsets, int(index), self)
+    return self.sources[part][local]
 
 
 class ReaderSource:
@@ -824,8 +855,9 @@ def _read_directly(dataset: str, manual_dir: str, image_size: int, label_space: 
 _read_directly_cached = functools.lru_cache(maxsize=2)(_read_directly)
 
 
-def open_prepared(data_config: Any) -> PreparedSource | ReaderSource:
-  """The dataset named by ``data_config`` (data.name, data_dir, image_size, ...).
+def open_prepared(data_config: Any) -> PreparedSource | ReaderSource | JoinedSource:
+  """The dataset named by ``data_config`` (data.name, data_dir, image_size, ...); a name
+  'A+B' opens each dataset with the same fields and joins them (``JoinedSource``).
 
   Reads DATA_DIR = ``data.data_dir``: the stored size is ``data.prepared_size``,
   or when 0 ``data.image_size`` if prepared, else the smallest larger prepared
@@ -838,6 +870,17 @@ def open_prepared(data_config: Any) -> PreparedSource | ReaderSource:
     if key not in data_config:
       raise KeyError(f"config.data.{key} is missing (configs/common.py base_config sets it)")
   name = data_config.name
+  if "+" in name:
+    names = name.split("+")
+    if len(set(names)) != len(names) or not all(names):
+      raise KeyError(f"data.name={name!r}: join distinct prepared datasets with '+'")
+    parts = []
+    for part_name in names:
+      part = data_config.copy_and_resolve_references()
+      with part.unlocked():
+        part.name = part_name
+      parts.append(open_prepared(part))
+    return JoinedSource(parts)
   reader_module(name)  # registers the dataset's own label space (e.g. 'reflacx') in schema
   options = dict(uncertainty=data_config.uncertainty, frontal_only=data_config.frontal_only)
   data_dir, manual_dir = data_config.data_dir, data_config.get("manual_dir", "")
