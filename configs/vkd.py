@@ -22,9 +22,10 @@ under ``--config.data.data_dir``):
                          on the training folds' boxes, test = fold K.
                          ``get_sweep('dataset=nih')``: Table 4's rows x 5 folds.
   dataset=mimic,subset=S  MIMIC-CXR (Sec. 4.1.2), stage 2 on the prepared
-                         dataset S: 'reflacx' (gaze or boxes), 'egd' (gaze), or
-                         'egd+reflacx' (both gaze sources, Table 1's last row),
-                         test = MIMIC's official test split.
+                         dataset S: 'reflacx' (gaze or boxes), 'egd' (gaze),
+                         'egd:gaze+reflacx:boxes' (annotation=gaze+boxes: EGD's
+                         gaze and REFLACX's boxes) or 'egd+reflacx' (both gaze
+                         sources), test = MIMIC's official test split.
 224 px and ImageNet normalization (Sec. 4.2); ImageNet weights come from
 ``--config.model.init_from`` (both encoders, ``VKD.pretrained_prefixes``).
 """
@@ -38,13 +39,14 @@ VKD_ARGS = {"release": "ch2_prior", "annotation": "boxes", "fold": "0", "subset"
 TABLE4_RELEASES = ("ch1_prior", "ch1_ch2_prior", "all", "ch2_prior")
 # Table 1's annotation kinds the synthetic phantoms and NIH provide (NIH: boxes only).
 TABLE1_ANNOTATIONS = ("boxes", "gaze", "gaze+boxes")
-# MIMIC-CXR's annotated subsets (prepared datasets) and the annotation kinds each provides.
+# MIMIC-CXR's annotated subsets (prepared datasets, data.name syntax) and the annotation kinds
+# each provides. Joined subsets are split together by patient; a part 'NAME:KIND' keeps only
+# that annotation (prepared.JoinedSource), so c is EGD's gaze or REFLACX's boxes, never both.
 MIMIC_SUBSETS = {"reflacx": ("gaze", "boxes", "gaze+boxes"), "egd": ("gaze",),
-                 "egd+reflacx": ("gaze",)}   # both subsets joined, split together by patient
-# Table 1's MIMIC-CXR rows (stage-2 subset, annotation), top to bottom; its "Gaze EGD-CXR &
-# BB REFLACX" row would need a per-subset annotation kind, which stage 2 does not have.
+                 "egd+reflacx": ("gaze",), "egd:gaze+reflacx:boxes": ("gaze+boxes",)}
+# Table 1's MIMIC-CXR rows (stage-2 subset, annotation), top to bottom.
 TABLE1_MIMIC = (("reflacx", "boxes"), ("reflacx", "gaze"), ("egd", "gaze"),
-                ("egd+reflacx", "gaze"))
+                ("egd:gaze+reflacx:boxes", "gaze+boxes"), ("egd+reflacx", "gaze"))
 
 
 def get_config(arg=None):

@@ -502,15 +502,21 @@ def test_corrupt_shard_or_record_raises_naming_the_shard(fake, tmp_path):
     prepared.PreparedSource(copy)[first(3)]
 
 
+def prepare_egd_and_reflacx(recs, data_dir) -> dict[str, list[records_lib.Record]]:
+  """The fake records as prepared 'egd' (patients 0-7) and 'reflacx' (4-11) datasets."""
+  third = NUM_PATIENTS // 3 * PER_PATIENT
+  parts = {"egd": recs[:2 * third], "reflacx": recs[third:]}     # patients 4-7 in both
+  for name, part in parts.items():
+    prepared.prepare_records(name, part, records_lib.Problems(), schema.NIH14, str(data_dir), SIZE,
+                             progress=False, min_shards=1)
+  return parts
+
+
 def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
   """data.name 'egd+reflacx' (VKD's two gaze sources): both datasets' images, split together by
   patient, so a patient in both lands in one split."""
   recs, _, _ = fake
-  third = NUM_PATIENTS // 3 * PER_PATIENT
-  parts = {"egd": recs[:2 * third], "reflacx": recs[third:]}     # patients 4-7 in both
-  for name, part in parts.items():
-    prepared.prepare_records(name, part, records_lib.Problems(), schema.NIH14, str(tmp_path), SIZE,
-                             progress=False, min_shards=1)
+  parts = prepare_egd_and_reflacx(recs, tmp_path)
   joined = data_config(tmp_path, name="egd+reflacx")
   sources = {s: pipeline.make_source(joined, s) for s in ("train", "val", "test")}
   union = sources["test"].source
@@ -539,3 +545,49 @@ def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
                               maps=("gaze_map",), augment=False) as it:
     seen = sum(int(np.asarray(batch["valid"]).sum()) for batch in it)
   assert seen == len(sources["train"])
+
+
+def test_a_joined_part_keeps_only_the_annotation_it_names(fake, tmp_path):
+  """'egd:gaze+reflacx:boxes' (VKD Table 1: EGD-CXR gaze and REFLACX boxes): EGD examples lose
+  their boxes and REFLACX examples their gaze; everything else is the plain join's."""
+  recs, _, _ = fake
+  parts = prepare_egd_and_reflacx(recs, tmp_path)
+  plain = prepared.open_prepared(data_config(tmp_path, name="egd+reflacx"))
+  kept = prepared.open_prepared(data_config(tmp_path, name="egd:gaze+reflacx:boxes"))
+  num_egd = len(parts["egd"])
+  assert len(kept) == len(plain) and num_egd < len(plain)
+  np.testing.assert_array_equal(kept.num_boxes[:num_egd], 0)
+  np.testing.assert_array_equal(kept.num_boxes[num_egd:], plain.num_boxes[num_egd:])
+  assert plain.num_boxes[:num_egd].sum() > 0 and plain.num_boxes[num_egd:].sum() > 0
+  gazes_dropped = 0
+  for i in range(len(plain)):
+    full, restricted = plain[i], kept[i]
+    dropped = ("boxes", "box_labels") if i < num_egd else ("gaze",)
+    for key, value in full.items():
+      if key in dropped:
+        assert not np.any(restricted[key] > 0) if key != "box_labels" else np.all(
+            restricted[key] == -1), (i, key)
+      else:
+        np.testing.assert_array_equal(restricted[key], value, err_msg=f"{i} {key}")
+    gazes_dropped += int(i >= num_egd and full["gaze"][:, 2].sum() > 0)
+  assert gazes_dropped > 0
+  annotated = pipeline.make_source(data_config(tmp_path, name="egd:gaze+reflacx:boxes"),
+                                   "annotated_train")
+  assert len(annotated) and np.all(annotated.indices >= num_egd)
+  assert "keeping boxes" in repr(kept)
+  sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+  drawn = {"gaze_map": [], "box_map": []}     # (from EGD, map drawn) per valid row
+  with pipeline.make_iterator(data_config(tmp_path, name="egd:gaze+reflacx:boxes"), "train",
+                              batch_size=8, sharding=sharding, seed=0, shuffle=False,
+                              num_epochs=1, drop_remainder=False, maps=tuple(drawn),
+                              augment=False) as it:
+    for batch in it:
+      valid = np.asarray(batch["valid"]) > 0
+      from_egd = np.asarray(batch["index"])[valid] < num_egd
+      for key, rows in drawn.items():
+        rows += zip(from_egd, np.asarray(batch[key])[valid].max(axis=(1, 2, 3)) > 0)
+  assert {egd for egd, drew in drawn["gaze_map"] if drew} == {True}    # only EGD draws gaze
+  assert {egd for egd, drew in drawn["box_map"] if drew} == {False}    # only REFLACX boxes
+  for bad in ("egd:masks+reflacx", "egd:+reflacx", ":gaze+egd", "egd:gaze+egd:boxes"):
+    with pytest.raises(KeyError, match="data.name"):
+      pipeline.make_source(data_config(tmp_path, name=bad), "train")

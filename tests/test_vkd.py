@@ -311,6 +311,14 @@ def test_real_data_presets():
     vkd_config.get_config("dataset=mimic,subset=egd,annotation=boxes")
   two_gaze = vkd_config.get_config("dataset=mimic,subset=egd+reflacx,annotation=gaze")
   assert vkd.VKD().stages(two_gaze)[1].data.overrides == {"name": "egd+reflacx"}
+  # "Gaze EGD-CXR & BB REFLACX": c is the max of both maps, each part keeping one of them
+  # (tests/test_prepare.py::test_a_joined_part_keeps_only_the_annotation_it_names).
+  gaze_and_boxes = vkd.VKD().stages(vkd_config.get_config(
+      "dataset=mimic,subset=egd:gaze+reflacx:boxes,annotation=gaze+boxes"))[1]
+  assert gaze_and_boxes.data.overrides == {"name": "egd:gaze+reflacx:boxes"}
+  assert gaze_and_boxes.data.maps == ("gaze_map", "box_map")
+  with pytest.raises(ValueError, match="provides"):
+    vkd_config.get_config("dataset=mimic,subset=egd:gaze+reflacx:boxes,annotation=gaze")
   # Table 1's MIMIC rows: each override row equals the preset of its subset and annotation.
   rows = vkd_config.get_sweep("dataset=mimic,subset=reflacx")
   table1 = [(r["vkd.stage2.dataset"], r["vkd.annotation"]) for r in rows]

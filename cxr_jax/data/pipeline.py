@@ -180,12 +180,14 @@ def make_source(data_config: Any, split: str) -> SplitSource:
   images (``splits.cv_split``).
 
   ``data.name`` 'A+B' (e.g. 'egd+reflacx', two gaze sources of van Sonsbeek's
-  Table 1) reads prepared datasets as one (``prepared.JoinedSource``).
+  Table 1) reads prepared datasets as one (``prepared.JoinedSource``); a part
+  'A:gaze' or 'A:boxes' keeps only that annotation ('egd:gaze+reflacx:boxes').
   """
   if data_config.name == "synthetic":
     return _synthetic_source(data_config, split)
   from cxr_jax.data import prepared  # pylint: disable=import-outside-toplevel
-  if not set(data_config.name.split("+")) <= set(prepared.DATASETS):
+  name = data_config.name
+  if not {prepared.dataset_and_kept(p, name)[0] for p in name.split("+")} <= set(prepared.DATASETS):
     raise KeyError(f"data.name={data_config.name!r}; known: 'synthetic', "
                    f"{list(prepared.DATASETS)}")
   return prepared.make_source(data_config, split)  # real data, prepared by cxr-prepare

@@ -101,6 +101,8 @@ from cxr_jax.data.sources import records as records_lib
 VERSION = "1.0.0"
 SPLITS = ("train", "val", "test")
 DATASETS = ("nih", "chexpert", "mimic", "reflacx", "egd")
+# The annotation fields a part of a joined data.name can keep ("egd:gaze+reflacx:boxes").
+ANNOTATION_FIELDS = ("gaze", "boxes")
 INDEX_FILE = "cxr_index.json"
 REPORT_FILE = "prepare_report.json"
 PLAN_FILE = "plan.json"
@@ -686,25 +688,45 @@ class PreparedSource:
 class JoinedSource:
   """Several datasets as one (data.name 'A+B'): their images one after the other, with the
   index attributes of ``PreparedSource`` concatenated. ``make_source`` then splits the union
-  by patient, so a patient in two of the datasets lands in one split."""
+  by patient, so a patient in two of the datasets lands in one split.
 
-  def __init__(self, sources: Sequence[PreparedSource | ReaderSource]):
+  ``kept``: per part, the annotation fields ('gaze', 'boxes') its examples keep (None: all);
+  the others are emptied, e.g. 'egd:gaze+reflacx:boxes' (van Sonsbeek Table 1: EGD-CXR gaze
+  and REFLACX boxes, not REFLACX's gaze). A part without boxes counts 0 boxes in ``num_boxes``.
+  """
+
+  def __init__(self, sources: Sequence[PreparedSource | ReaderSource],
+               kept: Sequence[frozenset[str] | None] | None = None):
     self.sources = list(sources)
+    self.kept = list(kept) if kept is not None else [None] * len(self.sources)
     self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
     joined = lambda attr: np.concatenate([getattr(s, attr) for s in self.sources])
     self.image_ids, self.patient_ids = joined("image_ids"), joined("patient_ids")
-    self.num_boxes, self.official_splits = joined("num_boxes"), joined("official_splits")
+    self.official_splits = joined("official_splits")
+    self.num_boxes = np.concatenate([
+        s.num_boxes if k is None or "boxes" in k else np.zeros_like(s.num_boxes)
+        for s, k in zip(self.sources, self.kept)])
     self.splits = [s for s in SPLITS if s in set(self.official_splits.tolist())]
 
   def __len__(self) -> int:
     return int(self.offsets[-1])
 
   def __repr__(self) -> str:
-    return f"JoinedSource({' + '.join(repr(s) for s in self.sources)})"
+    names = [repr(s) if k is None else f"{s!r} keeping {'+'.join(sorted(k)) or 'no annotations'}"
+             for s, k in zip(self.sources, self.kept)]
+    return f"JoinedSource({' + '.join(names)})"
 
   def __getitem__(self, index: int) -> schema.Example:
     part, local = locate(self.offsets, int(index), self)
-    return self.sources[part][local]
+    example, kept = self.sources[part][local], self.kept[part]
+    if kept is None:
+      return example
+    example = dict(example)
+    if "gaze" not in kept:
+      example["gaze"] = schema.empty_gaze()
+    if "boxes" not in kept:
+      example["boxes"], example["box_labels"] = schema.empty_boxes()
+    return example
 
 
 class ReaderSource:
@@ -855,9 +877,21 @@ def _read_directly(dataset: str, manual_dir: str, image_size: int, label_space: 
 _read_directly_cached = functools.lru_cache(maxsize=2)(_read_directly)
 
 
+def dataset_and_kept(part: str, name: str = "") -> tuple[str, frozenset[str] | None]:
+  """One '+'-separated part of data.name ``name``: 'DATASET' (every annotation it has) or
+  'DATASET:KIND', KIND 'gaze' | 'boxes' (the annotation its examples keep). KeyError naming
+  data.name for an empty part or an unknown KIND."""
+  dataset, colon, kind = part.partition(":")
+  if not dataset or (colon and kind not in ANNOTATION_FIELDS):
+    raise KeyError(f"data.name={name or part!r}: join distinct prepared datasets with '+', each "
+                   f"'DATASET' or 'DATASET:KIND', KIND one of {list(ANNOTATION_FIELDS)}")
+  return dataset, frozenset({kind}) if kind else None
+
+
 def open_prepared(data_config: Any) -> PreparedSource | ReaderSource | JoinedSource:
   """The dataset named by ``data_config`` (data.name, data_dir, image_size, ...); a name
-  'A+B' opens each dataset with the same fields and joins them (``JoinedSource``).
+  'A+B' opens each dataset with the same fields and joins them (``JoinedSource``), a part
+  'A:KIND' keeping only annotation KIND ('gaze' | 'boxes').
 
   Reads DATA_DIR = ``data.data_dir``: the stored size is ``data.prepared_size``,
   or when 0 ``data.image_size`` if prepared, else the smallest larger prepared
@@ -870,9 +904,10 @@ def open_prepared(data_config: Any) -> PreparedSource | ReaderSource | JoinedSou
     if key not in data_config:
       raise KeyError(f"config.data.{key} is missing (configs/common.py base_config sets it)")
   name = data_config.name
-  if "+" in name:
-    names = name.split("+")
-    if len(set(names)) != len(names) or not all(names):
+  if "+" in name or ":" in name:
+    names_kept = [dataset_and_kept(part, name) for part in name.split("+")]
+    names = [n for n, _ in names_kept]
+    if len(set(names)) != len(names):
       raise KeyError(f"data.name={name!r}: join distinct prepared datasets with '+'")
     parts = []
     for part_name in names:
@@ -880,7 +915,7 @@ def open_prepared(data_config: Any) -> PreparedSource | ReaderSource | JoinedSou
       with part.unlocked():
         part.name = part_name
       parts.append(open_prepared(part))
-    return JoinedSource(parts)
+    return JoinedSource(parts, [kept for _, kept in names_kept])
   reader_module(name)  # registers the dataset's own label space (e.g. 'reflacx') in schema
   options = dict(uncertainty=data_config.uncertainty, frontal_only=data_config.frontal_only)
   data_dir, manual_dir = data_config.data_dir, data_config.get("manual_dir", "")
