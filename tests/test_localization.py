@@ -192,6 +192,33 @@ def test_similarity_and_delta_s_on_constructed_maps():
     loc.delta_s(base, sub, c, "ssim")
 
 
+def test_delta_s_interval_matches_scipy_paired_bootstrap():
+  """The Eq. 5 interval against scipy.stats.bootstrap (paired, percentile) on the same maps."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  c = (rng.random((60, 6, 6)) < 0.3).astype(np.float64)
+  base = rng.random((60, 6, 6))
+  sub = np.clip(base + 0.3 * c * rng.random((60, 1, 1)) - 0.1, 0, 1)   # closer to c, unevenly
+  for metric in ("mse", "dice"):
+    point = loc.delta_s(base, sub, c, metric)
+    low, high = loc.delta_s_interval(base, sub, c, metric, num_resamples=20_000)
+    per_base = [loc.similarity(c[i], base[i], metric) for i in range(len(c))]
+    per_sub = [loc.similarity(c[i], sub[i], metric) for i in range(len(c))]
+    def statistic(b, s, axis):   # Eq. 5, positive = stage 2 closer (delta_s's convention)
+      b, s = np.mean(b, axis=axis), np.mean(s, axis=axis)
+      return (b / s if metric == "mse" else s / b) * 100 - 100
+    ref = stats.bootstrap((per_base, per_sub), statistic, paired=True, vectorized=True,
+                          n_resamples=20_000, method="percentile", random_state=1)
+    width = ref.confidence_interval.high - ref.confidence_interval.low
+    assert 0 < low < point < high, (metric, low, point, high)
+    np.testing.assert_allclose([low, high], [ref.confidence_interval.low,
+                                             ref.confidence_interval.high], atol=0.05 * width)
+    # Four copies of each image: the interval narrows by about half.
+    tiled = [np.tile(a, (4, 1, 1)) for a in (base, sub, c)]
+    low4, high4 = loc.delta_s_interval(*tiled, metric, num_resamples=20_000)
+    assert 0.4 < (high4 - low4) / (high - low) < 0.6
+
+
 def test_evaluate_fills_localization_from_grad_cam(tmp_path):
   """evaluate(): the 'localization' entry equals box_accuracy on the Grad-CAMs of the boxed rows."""
   import jax

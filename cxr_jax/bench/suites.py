@@ -81,13 +81,16 @@ def gradcam_pair(tag: str, backbone: str, size: int, batch: int, **kw) -> list[d
 
 def vkd_stages(backbone: str, size: int, width: float, batch: int, dtype: str, **kw) -> dict:
   """VKD stage 1 ('base'), with stage 2 ('prior': encoder and CH1 frozen, the prior encoder
-  trained on the annotation map at ``vkd.prior_scale`` of the image side) and stage 2 with the
-  paper's full-side prior interleaved in the same process; same batch each."""
-  return train(f"vkd/stages/{backbone}-{size}", "vkd", backbone, size, width, batch, dtype,
+  trained on the annotation map at 1/4 of the image side) and stage 2 with the paper's
+  full-side prior interleaved in the same process; same batch each. The pooled latent (the
+  real-data presets' reading), also where the phantom preset sets the spatial one."""
+  spec = train(f"vkd/stages/{backbone}-{size}", "vkd", backbone, size, width, batch, dtype,
                stage="base", interleave=[
                    {"label": "prior", "stage": "prior"},
                    {"label": "prior_full_side", "stage": "prior",
                     "overrides": {"vkd.prior_scale": 1.0}}], **kw)
+  spec["overrides"].update({"vkd.spatial_latent": False, "vkd.prior_scale": 0.25})
+  return spec
 
 
 def frozen_pairs(backbone: str, size: int, width: float, batch: int, dtype: str, *,

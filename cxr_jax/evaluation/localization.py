@@ -262,8 +262,8 @@ def resize_normalized(maps: np.ndarray, size: Sequence[int]) -> np.ndarray:
   return out.reshape(maps.shape[:-2] + (height, width))
 
 
-def similarity(annotation: np.ndarray, heatmap: np.ndarray, metric: str) -> float:
-  """Mean over images of S(c, CAM) on [N,H,W] (or [H,W]) maps in [0, 1].
+def per_image_similarity(annotation: np.ndarray, heatmap: np.ndarray, metric: str) -> np.ndarray:
+  """S(c, CAM) of each image, float64 [N], from [N,H,W] (or [H,W]) maps in [0, 1].
 
   mse: mean (c - CAM)^2 (lower = closer). dice: soft Dice 2 sum(c CAM) / (sum c + sum CAM)
   (higher = closer; 0 when both maps are empty).
@@ -274,12 +274,16 @@ def similarity(annotation: np.ndarray, heatmap: np.ndarray, metric: str) -> floa
     raise ValueError(f"annotation {c.shape} and heat map {m.shape} must have the same shape")
   c, m = c.reshape((-1,) + c.shape[-2:]), m.reshape((-1,) + m.shape[-2:])
   if metric == "mse":
-    return float(np.mean((c - m) ** 2))
+    return np.mean((c - m) ** 2, axis=(1, 2))
   if metric == "dice":
     total = c.sum(axis=(1, 2)) + m.sum(axis=(1, 2))
-    dice = np.where(total > 0, 2 * (c * m).sum(axis=(1, 2)) / np.maximum(total, 1e-12), 0.0)
-    return float(np.mean(dice))
+    return np.where(total > 0, 2 * (c * m).sum(axis=(1, 2)) / np.maximum(total, 1e-12), 0.0)
   raise ValueError(f"unknown similarity metric {metric!r}; known: {list(METRICS)}")
+
+
+def similarity(annotation: np.ndarray, heatmap: np.ndarray, metric: str) -> float:
+  """Mean over images of ``per_image_similarity``."""
+  return float(np.mean(per_image_similarity(annotation, heatmap, metric)))
 
 
 def delta_s(cam_base: np.ndarray, cam_sub: np.ndarray, annotation: np.ndarray,
@@ -302,9 +306,31 @@ def delta_s(cam_base: np.ndarray, cam_sub: np.ndarray, annotation: np.ndarray,
   """
   base = similarity(annotation, cam_base, metric)
   sub = similarity(annotation, cam_sub, metric)
+  return float(_percent_change(np.float64(base), np.float64(sub), metric))
+
+
+def _percent_change(base: np.ndarray, sub: np.ndarray, metric: str) -> np.ndarray:
+  """Eq. 5 in ``delta_s``'s sign convention from mean S of each stage (arrays of any shape)."""
   numerator, denominator = (base, sub) if metric == "mse" else (sub, base)
-  if denominator == 0:
+  if np.any(denominator == 0):
     which = "stage-2" if metric == "mse" else "stage-1"
     raise ValueError(f"delta_s({metric}): S of the {which} CAMs is 0, so Eq. 5's ratio is undefined")
-  ratio = numerator / denominator
-  return float(ratio * 100 - 100)
+  return numerator / denominator * 100 - 100
+
+
+def delta_s_interval(cam_base: np.ndarray, cam_sub: np.ndarray, annotation: np.ndarray,
+                     metric: str = "mse", confidence: float = 0.95, num_resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+  """Paired percentile-bootstrap interval of ``delta_s``: images resampled with replacement,
+  the same draw for both stages, Eq. 5 recomputed from each resample's mean S.
+
+  Args: as ``delta_s``; ``confidence`` in (0, 1); ``num_resamples`` draws from ``seed``.
+  Returns: (low, high) percentage points.
+  """
+  base = per_image_similarity(annotation, cam_base, metric)
+  sub = per_image_similarity(annotation, cam_sub, metric)
+  draws = np.random.default_rng(seed).integers(0, len(base), size=(num_resamples, len(base)))
+  deltas = _percent_change(base[draws].mean(axis=1), sub[draws].mean(axis=1), metric)
+  tail = (1 - confidence) / 2 * 100
+  low, high = np.percentile(deltas, [tail, 100 - tail])
+  return float(low), float(high)

@@ -305,6 +305,7 @@ def cam_shift_report(config, workdir: str, *, method: VKD | None = None, mesh=No
   and the before/after overlays WORKDIR/report/vkd_cam_{annotation,base,prior}.png
   (the paper's Fig. 3). Returns the payload:
     {'annotation', 'split', 'num_images', 'delta_mse', 'delta_dice',
+     'delta_mse_ci95', 'delta_dice_ci95' ([low, high]),
      'similarity': {stage: {'mse', 'dice'}},
      'classification': {stage: {'auroc_mean', 'f1_mean'}}}
   with the Delta S of ``localization.delta_s`` (positive: the stage-2 CAMs are
@@ -332,6 +333,10 @@ def cam_shift_report(config, workdir: str, *, method: VKD | None = None, mesh=No
                                                   metric="mse")),
       "delta_dice": _jsonable(localization.delta_s(cams["base"], cams["prior"], cams["annotation"],
                                                    metric="dice")),
+      # 95 % paired bootstrap over the images (``localization.delta_s_interval``).
+      **{f"delta_{metric}_ci95": list(localization.delta_s_interval(
+          cams["base"], cams["prior"], cams["annotation"], metric=metric))
+         for metric in ("mse", "dice")},
       "similarity": {stage: {metric: localization.similarity(cams["annotation"], cams[stage], metric)
                              for metric in ("mse", "dice")} for stage in variables},
       "classification": classification,
