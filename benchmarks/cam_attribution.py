@@ -34,11 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cxr_jax import cam  # noqa: E402
-from cxr_jax.bench import figures  # noqa: E402
+from cxr_jax.bench import configs as bench_configs  # noqa: E402
 from cxr_jax.cli.sweep import parse_override  # noqa: E402
 from cxr_jax.data import annotations, pipeline, schema  # noqa: E402
-from cxr_jax.methods import get_method, vkd  # noqa: E402
+from cxr_jax.methods import get_method  # noqa: E402
 from cxr_jax.train import trainer  # noqa: E402
+from cxr_jax.train.checkpoint import RunCheckpoints  # noqa: E402
 
 
 def render_test_images(config, num_images: int) -> dict:
@@ -108,13 +109,17 @@ def main():
   parser.add_argument("--head_from", default="", help="params subtree to score as the head")
   args = parser.parse_args()
   name, _, arg = args.config.partition(":")
-  config = figures.load_config(ROOT, name, arg, dict(map(parse_override, args.override)))
+  config = bench_configs.load_config(ROOT, name, arg, dict(map(parse_override, args.override)))
   method = get_method(config.method)
   model = method.model(config)
   if args.stage:
-    variables = vkd.load_stage_variables(args.workdir, args.stage, config.keep_checkpoints)
+    checkpoints = RunCheckpoints(os.path.abspath(args.workdir), config.keep_checkpoints)
+    try:
+      variables = checkpoints.best_variables(args.stage)
+    finally:
+      checkpoints.close()
   else:
-    _, _, variables, _ = trainer.restore_for_eval(config, args.workdir)
+    _, variables, _ = trainer.restore_for_eval(config, args.workdir, method)
   if args.head_from:
     if args.head_from not in variables["params"]:
       raise KeyError(f"--head_from={args.head_from!r}: {args.workdir} params have "

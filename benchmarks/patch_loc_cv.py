@@ -56,12 +56,22 @@ def run_config(config_arg: str, variant: str, folds: int, fold: int, unannotated
 
 
 def read_patch_report(workdir: str) -> dict | None:
-  """The 'patch' entry of WORKDIR/eval/test.json, or None if the run has not finished."""
+  """The 'patch_grid' section of WORKDIR/eval/test.json as {'iou'|'ior': {T: {class: accuracy,
+  'mean'}}, 'count': {class: units}}, or None if the run has not finished."""
   path = os.path.join(workdir, "eval", "test.json")
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f).get("localization", {}).get("patch")
+    section = json.load(f).get("patch_grid")
+  if section is None:
+    return None
+  out = {"iou": {}, "ior": {}, "count": {}}
+  for key, metric in section.items():
+    kind, _, t = key.partition("@")
+    if kind in ("iou", "ior") and t:
+      out[kind][t] = {**metric["per_class"], "mean": metric["mean"]}
+      out["count"].update(metric["n"])
+  return out
 
 
 def start_from_base_run(workdir: str, base_workdir: str) -> bool:
@@ -146,6 +156,7 @@ def main(argv=None):
   fractions = [float(u) for u in args.unannotated.split(",") if u]
   overrides = [parse_override(o) for o in args.override]
 
+  from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
   from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
   os.makedirs(args.workdir_root, exist_ok=True)
   table, classes = {}, ()
@@ -161,10 +172,10 @@ def main(argv=None):
                               f"{variant.split('+')[0]}-un{unannotated:g}-fold{fold}")
           reused = variant.endswith("+crf") and start_from_base_run(workdir, base)
           print(f"== {workdir}" + (f" (CRF stage from {base})" if reused else ""), flush=True)
-          trainer.train_and_evaluate(config, workdir)
+          trainer.train_and_evaluate(config, workdir, method=get_method(config.method))
         reports[fold] = read_patch_report(workdir)
         if reports[fold] is None:
-          raise SystemExit(f"{workdir}/eval/test.json has no localization.patch report")
+          raise SystemExit(f"{workdir}/eval/test.json has no patch_grid section")
       table[f"{variant}-un{unannotated:g}"] = {
           "variant": variant, "unannotated": unannotated, "folds": len(reports),
           "mean": average_folds(list(reports.values())),

@@ -5,7 +5,7 @@
 
 DIR is ``cxr-prepare`` output. Prints ms of wall and CPU time per image for: the stored
 record read + tf.Example parse, the PNG decode, the whole read (``PreparedSource`` plus the
-pipeline's validation) and the training augmentation + record of ``pipeline._Preprocess``.
+pipeline's validation) and the training augmentation + record of ``examples.Preprocess``.
 One grain worker runs these in turn, so 1 / (read + preprocess) bounds what one worker
 delivers; ``cxr-bench``'s ``pipeline`` figures measure the workers together.
 """
@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cxr_jax.bench import figures  # noqa: E402
-from cxr_jax.data import pipeline, schema  # noqa: E402
+from cxr_jax.bench import configs  # noqa: E402
+from cxr_jax.data import examples as examples_lib, pipeline, schema  # noqa: E402
 
 
 def per_image(name: str, fn, n: int):
@@ -43,7 +43,7 @@ def main():
   args = parser.parse_args()
   if args.cv2_threads >= 0:
     cv2.setNumThreads(args.cv2_threads)
-  config = figures.load_config(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  config = configs.load_config(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "baseline", f"dataset={args.dataset},size={args.size}",
                                {"data.data_dir": args.data_dir})
   source = pipeline.make_source(config.data, "train")
@@ -54,10 +54,10 @@ def main():
   per_image("PNG decode", lambda i: cv2.imdecode(np.frombuffer(raw[i]["image"], np.uint8),
                                                  cv2.IMREAD_GRAYSCALE), n)
   classes = len(schema.get_label_space(config.data.label_space))
-  checked = pipeline._CheckedSource(source, 0, len(source), classes, False)  # pylint: disable=protected-access
+  checked = examples_lib.CheckedSource(source, 0, len(source), classes, False)
   examples = per_image("whole read (+ assemble, validate)", lambda i: checked[i], n)
-  preprocess = pipeline._Preprocess(config.data, (), config.data.augment, (),  # pylint: disable=protected-access
-                                    pipeline.padding_record(config.data, ()))
+  preprocess = examples_lib.Preprocess(config.data, (), config.data.augment, (),
+                                       examples_lib.padding_record(config.data, ()))
   rng = np.random.default_rng(0)
   per_image("augmentation + record", lambda i: preprocess.random_map(examples[i], rng), n)
 

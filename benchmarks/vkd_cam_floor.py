@@ -2,12 +2,13 @@
 
     python benchmarks/vkd_cam_floor.py [--config_arg=width=0.25] [--draws=20]
 
-The annotation maps c of ``vkd.collect_cams`` (the annotated test images of the VKD preset),
+The annotation maps c of ``cam_shift.collect_cams`` (the annotated images of the VKD preset's
+'cam_shift' evaluator, ``config.evals.cam_shift``),
 scored with ``localization.similarity`` (MSE, soft Dice) and the hard Dice (both maps
 binarized at 0.5) against maps that no model produced:
   random    per positive class a map of i.i.d. N(0, 1) values on the model's feature grid,
             upsampled, min-max normalized and maxed over the classes, exactly as
-            ``vkd.positive_class_cams`` treats a signed Grad-CAM (``draws`` draws);
+            ``cam_shift.positive_class_cams`` treats a signed Grad-CAM (``draws`` draws);
   ceiling   c area-averaged onto the feature grid, upsampled and min-max normalized:
             the closest a map of that grid comes to c by this construction;
   constant  the same value everywhere (1, and each stage's mean CAM mass if given).
@@ -17,7 +18,7 @@ With ``--workdir`` of a finished VKD run (same ``--config_arg``), also what stag
 with the encoder frozen: a frozen encoder leaves Grad-CAM only a re-weighting of stage 1's last
 feature maps, so one weight per channel (plus a bias) is fit by least squares to c on the grid
 (c area-averaged) over the first half of the images, and that map, upsampled and min-max
-normalized, is scored on the second half next to each stage's CAM (``vkd.collect_cams``).
+normalized, is scored on the second half next to each stage's CAM (``cam_shift.collect_cams``).
 """
 
 import argparse
@@ -33,11 +34,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cxr_jax import cam  # noqa: E402
-from cxr_jax.bench import figures  # noqa: E402
+from cxr_jax.bench import configs as bench_configs  # noqa: E402
 from cxr_jax.data import pipeline  # noqa: E402
-from cxr_jax.evaluation import localization  # noqa: E402
+from cxr_jax.evaluation import cam_shift, evaluators, localization  # noqa: E402
 from cxr_jax.methods import vkd  # noqa: E402
 from cxr_jax.train import parallel  # noqa: E402
+from cxr_jax.train.checkpoint import RunCheckpoints  # noqa: E402
 
 
 def hard_dice(c: np.ndarray, m: np.ndarray) -> float:
@@ -66,8 +68,14 @@ def frozen_reweighting_bound(config, workdir: str, mesh) -> None:
                      f"config.data.channels={config.data.channels} (one-channel data only)")
   method = vkd.VKD()
   model = method.model(config)
-  variables = {stage: vkd.load_stage_variables(workdir, stage) for stage in ("base", "prior")}
-  rows = vkd.collect_cams(method, model, variables, config, mesh=mesh)
+  checkpoints = RunCheckpoints(os.path.abspath(workdir), config.keep_checkpoints)
+  try:
+    variables = {stage: checkpoints.best_variables(stage) for stage in cam_shift.STAGES}
+  finally:
+    checkpoints.close()
+  shift = config.evals.cam_shift
+  rows = cam_shift.collect_cams(method, model, variables, config, shift.splits[0],
+                                max_images=shift.max_images, relu=shift.relu, mesh=mesh)
   c = rows["annotation"].astype(np.float64)
   features_fn = jax.jit(method.cam_target(model, variables["base"])[0])
   features = np.asarray(features_fn(jnp.asarray(rows["image"])[..., None]), np.float64)
@@ -91,28 +99,27 @@ def main():
   parser.add_argument("--masses", default="0.558", help="comma-separated constant maps")
   parser.add_argument("--workdir", default="", help="a finished VKD run: the frozen-encoder bound")
   args = parser.parse_args()
-  config = figures.load_config(ROOT, "vkd", args.config_arg)
+  config = bench_configs.load_config(ROOT, "vkd", args.config_arg)
   size = config.data.image_size
   mesh = parallel.make_mesh()
   if args.workdir:
     frozen_reweighting_bound(config, args.workdir, mesh)
-  maps = vkd.ANNOTATIONS[config.vkd.annotation]
-  batches = pipeline.make_iterator(
-      vkd.stage2_data_config(config), config.vkd.cam_split, batch_size=config.eval_batch_size,
-      sharding=parallel.data_sharding(mesh), seed=config.seed, shuffle=False, num_epochs=1,
-      drop_remainder=False, maps=maps, augment=False)
-  rows = pipeline.first_rows(
-      batches, lambda b: jax.device_get({"c": vkd.annotation_map(b, maps)[..., 0],
-                                         "labels": b["labels"], "valid": b["valid"]}),
-      lambda host: (host["c"].max(axis=(1, 2)) > 0) & (host["labels"].max(axis=1) > 0),
-      config.vkd.cam_max_images)
+  maps = cam_shift.ANNOTATIONS[config.vkd.annotation]
+  split, max_images = config.evals.cam_shift.splits[0], config.evals.cam_shift.max_images
+  with evaluators.eval_batches(config, split, mesh=mesh, data=cam_shift.stage2_data_config(config),
+                               maps=maps) as batches:
+    rows = pipeline.first_rows(
+        batches, lambda b: jax.device_get({"c": cam_shift.annotation_map(b, maps)[..., 0],
+                                           "labels": b["labels"], "valid": b["valid"]}),
+        lambda host: (host["c"].max(axis=(1, 2)) > 0) & (host["labels"].max(axis=1) > 0),
+        max_images)
   c, positive = rows["c"].astype(np.float32), rows["labels"] > 0
   model = vkd.VKD().model(config)
   variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, config.data.channels)),
                          train=False)
   features_fn, _ = vkd.VKD().cam_target(model, variables)
   grid = jax.eval_shape(features_fn, jnp.zeros((1, size, size, config.data.channels))).shape[1:3]
-  print(f"{len(c)} annotated {config.vkd.cam_split} images, {size} px, feature grid "
+  print(f"{len(c)} annotated {split} images, {size} px, feature grid "
         f"{grid[0]}x{grid[1]}, annotation {config.vkd.annotation}, annotated area {c.mean():.3f}")
 
   def to_cam(grid_maps):  # [N, K, h, w] -> [N, H, W] as positive_class_cams does

@@ -9,6 +9,6 @@ from configs import common
 def get_config(arg=None):
   c = common.base_config(arg)
   c.method = "baseline"
-  c.loss = "weighted_bce"   # Wang 2017 / Kim Eq. 10, per batch; or "bce"
+  c.loss = "weighted_bce"   # Wang 2017 / Kim Eq. 10 (counts: loss_weighting); or "bce"
   c.lock()
   return c

@@ -9,7 +9,7 @@ from configs import common
 def get_config(arg=None):
   c = common.base_config(arg)
   c.method = "baseline"
-  c.loss = "weighted_bce"
+  c.loss = "weighted_bce"   # baseline loss: weighted_bce (counts: loss_weighting) | bce
   c.data.image_size = 64
   c.data.synthetic.num_train = 6000
   c.data.synthetic.num_val = 500

@@ -6,7 +6,6 @@ the tiny baseline (the kill/resume test runs it in a subprocess).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -20,10 +19,12 @@ cli_flags.set_cpu_xla_defaults()
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from configs import common  # noqa: E402
+from cxr_jax import files  # noqa: E402
 from cxr_jax.methods.baseline import Baseline  # noqa: E402
 
 NUM_CLASSES = 14
@@ -45,6 +46,28 @@ class TinyNet(nn.Module):
 class TinyBaseline(Baseline):
   def backbone(self, config):
     return TinyNet(name="backbone")
+
+
+BUSY_SIDE = 128  # side of the matrices SlowBaseline's busy loop multiplies
+
+
+def _busy_loss(ctx, params, batch, rng):
+  """weighted BCE after batch['spin'][0] products of BUSY_SIDE^2 matrices on the device."""
+  from cxr_jax.methods.baseline import classification_loss
+  value, aux = classification_loss("weighted_bce", ctx, params, batch, rng)
+  m = jnp.full((BUSY_SIDE, BUSY_SIDE), 1.0 / BUSY_SIDE)
+  m = jax.lax.stop_gradient(jax.lax.fori_loop(0, batch["spin"][0], lambda i, m: jnp.tanh(m @ m), m))
+  return value + 0.0 * m[0, 0], aux
+
+
+class SlowBaseline(TinyBaseline):
+  """The tiny baseline whose step is slow on the device by batch['spin'] (``make_iterator_factory``
+  ``spin``): one program at any count, so slow and fast runs compute the same numbers."""
+
+  def stages(self, config):
+    from cxr_jax.train.stage import Stage
+    return [Stage(name="train", loss=_busy_loss, steps=config.train_steps,
+                  optimizer=config.optimizer)]
 
 
 def tiny_config(steps: int = 12, **overrides):
@@ -107,13 +130,18 @@ class ArrayIterator:
 SPLITS = {"train": make_data(128, 0), "val": make_data(64, 1), "test": make_data(64, 2)}
 
 
-def make_iterator_factory(delay: float = 0.0, calls: list | None = None):
+def make_iterator_factory(delay: float = 0.0, calls: list | None = None, spin: int | None = None):
+  """``make_iterator`` over ``SPLITS``; ``delay``: seconds per batch on the host; ``spin``: every
+  example's 'spin' (SlowBaseline's device work per step), None: no 'spin'."""
   def make_iterator(data_config, split, *, batch_size, sharding, seed, shuffle=True, num_epochs=None,
                     drop_remainder=True, maps=(), augment=True, views=()):
     if calls is not None:
       calls.append(dict(split=split, batch_size=batch_size, seed=seed, maps=maps, augment=augment,
                         views=views, data_config=data_config))
-    return ArrayIterator(SPLITS[split], batch_size=batch_size, sharding=sharding, seed=seed, delay=delay)
+    data = SPLITS[split]
+    if spin is not None:
+      data = dict(data, spin=np.full(len(data["index"]), spin, np.int32))
+    return ArrayIterator(data, batch_size=batch_size, sharding=sharding, seed=seed, delay=delay)
   return make_iterator
 
 
@@ -125,9 +153,7 @@ def fake_evaluate(method, model, variables, config, split, workdir, *, stage, me
   payload = {"method": method.name, "stage": stage, "num_examples": len(probs),
              "classification": {"auroc": {"mean": float(np.mean(aurocs))}}}
   if workdir:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"{split}.json"), "w") as f:
-      json.dump(payload, f)
+    files.update_json_atomic(os.path.join(workdir, "eval", f"{split}.json"), payload)
   return payload
 
 

@@ -143,7 +143,7 @@ def test_cpu_xla_defaults_reach_xla_and_leave_user_flags_alone(monkeypatch):
     assert out.returncode == 0, out.stderr[-2000:]  # XLA aborts on a flag it does not know
     return [int(v) for v in out.stdout.split()[-2:]]
 
-  from cxr_jax.cli import flags as cli_flags
+  from cxr_jax import xla_cpu as cli_flags
   ours, xla = probe("ours"), probe("xla")
   if ours[0] == 0:
     pytest.skip("this jaxlib is not one CPU_XLA_FLAGS was measured on")

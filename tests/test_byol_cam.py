@@ -1,5 +1,6 @@
 """Talasila 2023 (BYOL + CAM loss): Eq. 3, Eq. 5, Eq. 6-7 and its gradient, stages, report."""
 
+import json
 import types
 
 import cv2
@@ -10,14 +11,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
 
 from configs import byol_cam as byol_config
-from cxr_jax import cam
-from cxr_jax.data import annotations
-from cxr_jax.evaluation import byol_report
+from tests import fixtures_real
+from cxr_jax import cam, losses
+from cxr_jax.cli import sweep
+from cxr_jax.data import annotations, schema
+from cxr_jax.evaluation import byol_report, evaluator, evaluators
 from cxr_jax.methods import byol_cam, get_method
-from cxr_jax.methods.base import LossContext
+from cxr_jax.train.stage import LossContext
+from cxr_jax.models import byol, classifier
 from cxr_jax.models.byol import BYOLNetwork
+from cxr_jax.train import parallel, trainer
 from cxr_jax.train.state import TrainState
 
 
@@ -33,14 +40,14 @@ def test_symmetrised_byol_loss_matches_float64_reference():
   # view0's prediction against view1's target projection and vice versa (Eq. 3, symmetrised).
   expected = np.mean([nmse(predictions[i], targets[n + i]) + nmse(predictions[n + i], targets[i])
                       for i in range(n)])
-  got = float(byol_cam.symmetrised_byol_loss(jnp.asarray(predictions, jnp.float32),
+  got = float(losses.symmetrised_byol_loss(jnp.asarray(predictions, jnp.float32),
                                              jnp.asarray(targets, jnp.float32)))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   cos = np.sum(predictions * targets, -1) / np.linalg.norm(predictions, axis=-1) / np.linalg.norm(
       targets, axis=-1)
-  np.testing.assert_allclose(byol_cam.normalized_mse(predictions, targets), 2 - 2 * cos, rtol=1e-5)
+  np.testing.assert_allclose(losses.normalized_mse(predictions, targets), 2 - 2 * cos, rtol=1e-5)
   # No gradient reaches the target projections.
-  grad = jax.grad(lambda t: byol_cam.symmetrised_byol_loss(jnp.asarray(predictions), t))(
+  grad = jax.grad(lambda t: losses.symmetrised_byol_loss(jnp.asarray(predictions), t))(
       jnp.asarray(targets))
   assert not np.any(np.asarray(grad))
 
@@ -52,7 +59,7 @@ def test_boxes_to_mask_matches_annotations():
   labels = rng.integers(-1, 8, size=(4, 5))
   labels[0] = -1                                                    # an image without boxes
   expected = annotations.boxes_to_mask(boxes, labels, 24, 20)
-  got = np.asarray(byol_cam.boxes_to_mask(jnp.asarray(boxes), jnp.asarray(labels), 24, 20))
+  got = np.asarray(losses.boxes_to_mask(jnp.asarray(boxes), jnp.asarray(labels), 24, 20))
   np.testing.assert_array_equal(got, expected)
   assert not got[0].any() and got[1:].any()
 
@@ -88,9 +95,9 @@ def test_cam_loss_matches_float64_reference(logit):
                     [[0.2, 0.2, 0.8, 0.8], [0, 0, 0, 0]]], np.float32)
   box_labels = np.array([[1, 3], [2, -1], [4, -1]])
   weights = np.array([1.0, 1.0, 0.0])          # the third image is not annotated
-  head = byol_cam.linear_head_fn({"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)})
+  head = classifier.linear_head_fn({"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)})
   with jax.enable_x64(True):
-    got = float(byol_cam.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes),
+    got = float(losses.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes),
                                   jnp.asarray(box_labels), jnp.asarray(weights), (16, 16),
                                   logit=logit))
   expected = numpy_cam_loss(features, kernel, bias, boxes, box_labels, weights, 16, logit)
@@ -100,7 +107,7 @@ def test_cam_loss_matches_float64_reference(logit):
     np.testing.assert_allclose(np.mean(cells, axis=(2, 3)), head(jnp.asarray(features)),
                                rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="'logits'"):
-    byol_cam.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_labels),
+    losses.cam_loss(head, jnp.asarray(features), jnp.asarray(boxes), jnp.asarray(box_labels),
                       jnp.asarray(weights), (16, 16), logit="logits")
 
 
@@ -128,7 +135,7 @@ def test_cam_loss_gradient_through_grad_cam_matches_finite_differences(logit):
     weights = jnp.ones(2)
 
     def loss(p):
-      return byol_cam.cam_loss(head, encoder.apply(p, images), boxes, box_labels, weights, (16, 16),
+      return losses.cam_loss(head, encoder.apply(p, images), boxes, box_labels, weights, (16, 16),
                                logit=logit)
 
     loss = jax.jit(loss)
@@ -157,10 +164,10 @@ def test_ema_update_constant_and_cosine_tau():
   np.testing.assert_allclose(out.extras["target"]["projector"]["w"], 2.0)
   assert int(out.extras["ema_step"]) == 1
   for k, expected in ((0, 0.99), (5, 1 - 0.01 * 0.5), (10, 1.0)):
-    np.testing.assert_allclose(byol_cam.tau_at(jnp.int32(k), 0.99, "cosine", 10), expected,
+    np.testing.assert_allclose(byol.tau_at(jnp.int32(k), 0.99, "cosine", 10), expected,
                                rtol=1e-6)
   with pytest.raises(ValueError, match="tau_schedule"):
-    byol_cam.tau_at(jnp.int32(0), 0.99, "linear", 10)
+    byol.tau_at(jnp.int32(0), 0.99, "linear", 10)
 
 
 def _context(model, variables, extras):
@@ -230,9 +237,9 @@ def test_stages_and_sweep():
   assert len(pretrain.data.views) == 2
   assert pretrain.data.views[1]["blur"] > pretrain.data.views[0]["blur"]
   assert pretrain.data.overrides == {"synthetic.seed": 1}
-  assert pretrain.apply_kwargs == {"mode": "byol"} and pretrain.update_extras is not None
-  assert finetune.select_best and finetune.eval_every > 0
-  assert finetune.plateau_signal == "train_loss"  # Sec. IV-b
+  assert pretrain.apply_kwargs == {"mode": "byol"} and pretrain.hooks.update_extras is not None
+  assert finetune.validation.select_best and finetune.validation.every > 0
+  assert finetune.validation.plateau_signal == "train_loss"  # Sec. IV-b
   bad = byol_config.get_config("runlocal")
   with bad.unlocked():
     bad.byol.finetune.plateau_signal = "val_loss"
@@ -259,10 +266,30 @@ def test_stages_and_sweep():
   assert [r["byol.finetune.cam_weight"] for r in xrv] == [0.0, 2.0]
   assert all(r["model.init_from"] == "/w/xrv.npz" and r["model.backbone"] == "densenet121"
              for r in xrv)
-  # Pretraining on another real dataset: its name and label space replace config.data's.
+  # Pretraining on another real dataset: its name and label space replace config.data's, and
+  # on NIH a fold of cross-validation over its boxed images is its 'train' (byol.pretrain_cv).
   other = byol_config.get_config("dataset=chexpert,pretrain=nih")
-  assert byol_cam.pretrain_overrides(other) == {"name": "nih", "label_space": "nih14",
-                                                "manual_dir": ""}
+  assert byol_cam.pretrain_overrides(other) == {
+      "name": "nih", "label_space": "nih14", "manual_dir": "", "cv.num_folds": 5, "cv.fold": 0,
+      "cv.unannotated_fraction": 1.0}
+  assert "cv.num_folds" not in byol_cam.pretrain_overrides(byol_config.get_config("runlocal"))
+  # The held-out fold is the NIH IoU test set; command-line overrides of byol reach it.
+  other.byol.pretrain_manual_dir, other.byol.pretrain_cv.fold = "/data/nih", 3
+  assert other.evals.nih_boxes.data.to_dict() == {
+      "name": "nih", "manual_dir": "/data/nih", "label_space": "chexpert14",
+      "cv": {"num_folds": 5, "fold": 3}}
+  assert other.evals.cam_kinds.data.to_dict() == other.evals.nih_boxes.data.to_dict()
+  assert "nih_boxes" not in byol_config.get_config("runlocal").evals
+  # "XRV + CAM loss" fine-tunes on NIH with the CAM loss ('cam_finetune') before CheXpert.
+  xrv_rows = byol_config.get_sweep("dataset=chexpert,pretrain=nih,xrv=/w/xrv.npz")[3:]
+  assert "byol.finetune.cam_stage_steps" not in xrv_rows[0]
+  xrv_cam = sweep.apply_overrides(other, xrv_rows[1], "row")
+  cam_stage, finetune = method.stages(xrv_cam)
+  assert (cam_stage.name, finetune.name) == ("cam_finetune", "finetune")
+  assert cam_stage.steps == other.byol.steps and cam_stage.loss.args[0] == 2.0
+  assert finetune.loss.args[0] == 0.0                  # CheXpert has no boxes: no CAM loss there
+  assert cam_stage.data.overrides == {**byol_cam.pretrain_overrides(xrv_cam),
+                                      "label_space": "chexpert14"}
 
 
 def test_finetune_head_from_probe():
@@ -289,19 +316,19 @@ def test_finetune_head_from_probe():
   method = get_method("byol_cam")
   c = byol_config.get_config("runlocal")
   assert c.byol.finetune.head_init == "auto"
-  assert method.stages(c)[-1].prepare is byol_cam.head_from_probe        # one label space: probe
+  assert method.stages(c)[-1].hooks.prepare is byol_cam.head_from_probe        # one label space: probe
   for pretrain, expected in (("nih", None), ("", byol_cam.head_from_probe)):
     other = byol_config.get_config(f"runlocal,dataset=chexpert,pretrain={pretrain}")
-    assert method.stages(other)[-1].prepare is expected                   # NIH -> CheXpert: fresh
+    assert method.stages(other)[-1].hooks.prepare is expected                   # NIH -> CheXpert: fresh
   with c.unlocked():
     c.byol.finetune.head_init = "probe"
-  assert method.stages(c)[-1].prepare is byol_cam.head_from_probe
+  assert method.stages(c)[-1].hooks.prepare is byol_cam.head_from_probe
   with c.unlocked():
     c.byol.finetune.head_init = "fresh"
-  assert method.stages(c)[-1].prepare is None
+  assert method.stages(c)[-1].hooks.prepare is None
   with c.unlocked():
     c.byol.ssl, c.byol.finetune.head_init = False, "auto"
-  assert method.stages(c)[-1].prepare is None                            # no probe without SSL
+  assert method.stages(c)[-1].hooks.prepare is None                            # no probe without SSL
   with c.unlocked():
     c.byol.finetune.head_init = "probe"
   with pytest.raises(ValueError, match="config.byol.ssl=True"):
@@ -368,3 +395,65 @@ def test_micro_pr_average_precision_and_plot(tmp_path):
   assert open(out, "rb").read(4) == b"\x89PNG"
   with pytest.raises(FileNotFoundError, match="predictions_test.npz"):
     byol_report.compare_runs({"c": str(tmp_path / "c")}, str(tmp_path / "pr2.png"))
+
+
+def test_cam_kinds_eval_writes_its_section_panel_and_predictions(tmp_path):
+  """The config's 'cam_kinds' evaluator on an initialized model over the runlocal phantoms."""
+  config = byol_config.get_config("runlocal")
+  method = get_method("byol_cam")
+  model = method.model(config)
+  size = config.data.image_size
+  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, config.data.channels)))
+  ctx = evaluators.EvalContext(
+      config=config, workdir=str(tmp_path), method=method, model=model,
+      mesh=parallel.make_mesh(), make_iterator=evaluators.default_make_iterator,
+      evaluate=evaluator.evaluate)
+  declared = [d for d in evaluators.build_evals(ctx) if d.name == "cam_kinds"]
+  assert [type(d.evaluator) for d in declared] == [byol_report.CamKindsEval]
+  section = evaluators.run_evals(ctx, declared, variables, stage="finetune")["cam_kinds"]["test"]
+  with open(tmp_path / "eval" / "test.json") as f:
+    assert json.load(f)["cam_kinds"] == json.loads(json.dumps(section))
+  assert section["num_images"] == config.evals.cam_kinds.max_images
+  assert section["num_boxes"] >= section["num_images"]
+  assert set(section["mean_iou"]) == set(cam.KINDS) and 0.0 <= section["micro_ap"] <= 1.0
+  for png in ("cam_comparison_test.png", "pr_micro_test.png"):
+    assert (tmp_path / "report" / png).read_bytes()[:4] == b"\x89PNG"
+  with np.load(tmp_path / "eval" / "predictions_test.npz") as f:
+    assert set(f.files) == {"probs", "labels", "label_mask", "index"}
+    assert len(f["probs"]) == config.data.synthetic.num_test
+
+
+def tensorboard_scalars(workdir) -> dict[str, list[float]]:
+  """{tag: [values in step order]} of the run's TensorBoard events (the trainer's scalars)."""
+  events = event_accumulator.EventAccumulator(str(workdir), size_guidance={"tensors": 0})
+  events.Reload()
+  return {tag: [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+          for tag in events.Tags()["tensors"]}
+
+
+def test_nih_pretraining_trains_with_boxes_and_reports_nih_iou(tmp_path):
+  """The paper setting (pretrain=nih, fine-tune on CheXpert) on fixtures in the official
+  layouts, the NIH one shaped like the full download: images in both official lists, every
+  box on an official-test image, so NIH's official train split has no box. The pretraining
+  stage still trains with a nonzero CAM loss (its data is a cross-validation fold over the
+  boxed images), and the held-out fold's boxed images give the NIH IoU."""
+  nih_dir = fixtures_real.nih_tree(tmp_path / "nih", num=96)
+  chexpert_dir = fixtures_real.chexpert_tree(tmp_path / "chexpert")
+  config = byol_config.get_config("dataset=chexpert,pretrain=nih,runlocal")
+  assert config.byol.pretrain_cv.num_folds == 5
+  config.byol.pretrain_manual_dir, config.data.manual_dir = nih_dir, chexpert_dir
+  config.byol.steps, config.byol.finetune.steps, config.byol.finetune.eval_every = 4, 2, 2
+  config.log_every, config.eval_batch_size = 2, 16
+  config.evals.cam_kinds.when = "never"        # the same images as nih_boxes; its own test above
+  trainer.train_and_evaluate(config, str(tmp_path / "run"), method=get_method("byol_cam"),
+                             mesh=parallel.make_mesh(jax.devices()[:1]))
+  cam_losses = tensorboard_scalars(tmp_path / "run")["pretrain/cam"]
+  assert cam_losses and all(v > 0 for v in cam_losses), cam_losses
+  with open(tmp_path / "run" / "eval" / "test.json") as f:
+    written = json.load(f)
+  assert written["dataset"] == "chexpert"               # the run's own header
+  nih = written["nih_boxes"]
+  assert (nih["dataset"], nih["split"]) == ("nih", "test") and nih["num_examples"] > 0
+  iou = nih["localization"]["mean_iou"]
+  assert 0.0 <= iou["mean"] <= 1.0 and sum(iou["n"].values()) > 0
+  assert set(iou["n"]) <= set(schema.CHEXPERT14.boxed)

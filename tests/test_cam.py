@@ -183,7 +183,7 @@ def test_upsample_and_normalize():
 
 
 def test_class_heatmaps_jit_compiles_once_for_a_model():
-  from cxr_jax.methods.baseline import Classifier
+  from cxr_jax.models.classifier import Classifier
   from cxr_jax.models.backbones import get_backbone
   model = Classifier(get_backbone("resnet18", width=0.125), num_classes=3)
   images = jnp.asarray(_rng(8).normal(size=(2, 32, 32, 1)), jnp.float32)

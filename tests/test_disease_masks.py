@@ -1,6 +1,7 @@
 """Kim 2022 disease masks: attention (Eq. 4-5), masks (Eq. 1-3), anchor pass, original-frame CAMs."""
 
 import functools
+import math
 import types
 
 import cv2
@@ -11,11 +12,13 @@ import pytest
 
 from configs import disease_masks as dm_config
 from cxr_jax import cam
-from cxr_jax.data import schema
+from cxr_jax.cli import sweep
+from cxr_jax.data import pipeline, schema
 from cxr_jax.data.sources import synthetic
+from cxr_jax.evaluation import dm_report, evaluator, evaluators
 from cxr_jax.methods import disease_masks, get_method
 from cxr_jax.models import alignment, dm_attention
-from cxr_jax.train import optim
+from cxr_jax.train import optim, parallel
 
 from test_alignment import pixel_matrix
 
@@ -230,11 +233,11 @@ def test_sweep_rows_build_their_stages_and_anchor_psi_stay_frozen():
   method = get_method("disease_masks")
   names = []
   for row in dm_config.get_sweep():
-    config = dm_config.get_config("runlocal")
-    config.unlock()
-    for key, value in row.items():
-      config.dm[key.split(".")[1]] = value
+    config = sweep.apply_overrides(dm_config.get_config("runlocal"), row, "row")
     names.append([s.name for s in method.stages(config)])
+    evaluators.build_evals(evaluators.EvalContext(  # every declared stage evaluator has its stage
+        config=config, workdir=None, method=method, model=None, mesh=None, make_iterator=None,
+        evaluate=None), names[-1])
   assert names[0] == ["classify", "dm_classify"]
   assert names[1:] == [["perceptual", "align", "classify", "dm_classify"]] * 3
   _, _, _, variables = tiny_model()
@@ -247,3 +250,88 @@ def test_sweep_rows_build_their_stages_and_anchor_psi_stay_frozen():
     assert trained == ({"aligner"} if stage.name == "align" else {"backbone", "head"})
   with pytest.raises(KeyError, match="masks"):
     dm_config.get_config("masks=dmm")
+
+
+def test_sweep_rows_train_the_classifier_equally_long_unless_told_otherwise():
+  """Table 1's rows: 'perceptual', 'classify' and 'dm_classify' all train the classifier, so with
+  dm.equal_budget every row trains it the same number of steps; False keeps the paper's stages."""
+  method = get_method("disease_masks")
+  classifier_stages = ("perceptual", "classify", "dm_classify")
+  for arg in ("runlocal", "dataset=nih"):
+    for equal in (True, False):
+      budgets = []
+      for row in dm_config.get_sweep():
+        config = sweep.apply_overrides(dm_config.get_config(arg), row, "row")
+        config.dm.equal_budget = equal
+        budgets.append(sum(s.steps for s in method.stages(config) if s.name in classifier_stages))
+      d = dm_config.get_config(arg).dm
+      if equal:
+        assert budgets == [budgets[1]] * 4, (arg, budgets)
+      else:
+        assert budgets == [budgets[1] - d.perceptual_steps] + [budgets[1]] * 3, (arg, budgets)
+  assert dm_config.get_config("dataset=nih").cam_threshold == pytest.approx(180 / 255)
+  assert dm_config.get_config("runlocal").cam_threshold == pytest.approx(127 / 255)
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def report_context(workdir, **dm):
+  """The tiny model's EvalContext on 64 px phantoms with a 32-image 'val' split."""
+  config, method, model, variables = tiny_model()
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.data.synthetic.num_val, config.eval_batch_size = 32, 16
+    config.dm.update(dm)
+  ctx = evaluators.EvalContext(
+      config=config, workdir=str(workdir), method=method, model=model,
+      mesh=parallel.make_mesh(), make_iterator=evaluators.default_make_iterator,
+      evaluate=evaluator.evaluate)
+  return ctx, variables
+
+
+def stage_names(ctx):
+  return [s.name for s in ctx.method.stages(ctx.config)]
+
+
+def test_alignment_eval_writes_examples_and_the_phantoms_pose_residuals(tmp_path):
+  ctx, variables = report_context(tmp_path)
+  declared = [d for d in evaluators.build_evals(ctx, stage_names(ctx)) if d.name == "alignment"]
+  assert declared[0].when == ("stage", "align")
+  declared[0].evaluator.pose_images = 20
+  out = evaluators.run_evals(ctx, declared, variables, stage="align")["alignment"]["val"]
+  assert out["num_images"] == 20
+  assert (tmp_path / "report" / "alignment_val.png").read_bytes()[:4] == b"\x89PNG"
+  # The aligner starts at the identity: 'after' is 'before', whose rotation is the phantoms' own.
+  for key, value in out["before"].items():
+    np.testing.assert_allclose(out["after"][key], value, rtol=1e-4, atol=1e-4)
+  split = pipeline.make_source(ctx.config.data, "val")
+  angles = [synthetic.sample_pose(ctx.config.data.synthetic.seed,
+                                  split.source.offset + int(i)).angle for i in split.indices[:20]]
+  np.testing.assert_allclose(out["before"]["rotation_deg_mean_abs"],
+                             np.mean(np.abs(np.degrees(angles))), rtol=1e-6)
+  # A turned aligner moves the residual.
+  params = dict(variables["params"])
+  params["aligner"] = {**params["aligner"], "transform": {
+      **params["aligner"]["transform"],
+      "bias": jnp.asarray([1.0, 1.0, 0.0, 0.0, math.radians(20)], jnp.float32)}}
+  turned = declared[0].evaluator.run({**variables, "params": params}, stage="align")["val"]
+  assert turned["after"]["rotation_deg_mean_abs"] > out["before"]["rotation_deg_mean_abs"] + 5
+
+
+def test_masks_eval_writes_psi_and_its_panel(tmp_path):
+  ctx, variables = report_context(tmp_path, masks="pdm")
+  params = dict(variables["params"])
+  params["psi"] = jnp.asarray(np.random.default_rng(5).uniform(size=params["psi"].shape),
+                              jnp.float32)
+  declared = [d for d in evaluators.build_evals(ctx, stage_names(ctx)) if d.name == "masks"]
+  assert declared[0].when == ("stage", "dm_classify")
+  assert evaluators.run_evals(ctx, declared, {**variables, "params": params},
+                              stage="dm_classify") == {"masks": {}}
+  with np.load(tmp_path / "eval" / "disease_masks_pdm.npz") as f:
+    np.testing.assert_array_equal(f["psi"], np.asarray(params["psi"]))
+    assert list(f["class_names"]) == list(CLASSES)
+  assert (tmp_path / "report" / "disease_masks_pdm.png").read_bytes()[:4] == b"\x89PNG"
+  none, _ = report_context(tmp_path / "none", masks="none")
+  assert dm_report.MasksEval(none, "masks").run(variables, stage="dm_classify") == {}
+  assert not (tmp_path / "none").exists()

@@ -27,6 +27,7 @@ from orbax import checkpoint as ocp
 import _trainer_worker as w
 from configs import baseline
 from cxr_jax.data import pipeline
+from cxr_jax.methods import get_method
 from cxr_jax.train import parallel, trainer
 from cxr_jax.train.checkpoint import RunCheckpoints
 
@@ -108,6 +109,7 @@ def test_two_processes_match_one_process(tmp_path):
       config[k] = v
     mesh = parallel.make_mesh(jax.devices()[:2])
     reference = trainer.train_and_evaluate(config, str(tmp_path / "one"), mesh=mesh,
+                                           method=get_method(config.method),
                                            make_iterator=_two_process_data, evaluate=_no_eval)
     for p in procs:
       p.wait(timeout=300)
@@ -165,52 +167,69 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 _SIGTERM_WORKER = """
-import pathlib, sys
+import pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
 import _trainer_worker as w
+import jax
 from cxr_jax.train import parallel, trainer
 
-workdir, steps, delay = pathlib.Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+workdir, steps, spin = pathlib.Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+straight = sys.argv[5:]  # a folder: train an uninterrupted run there too
 
 class Announcing(w.ArrayIterator):
   def __next__(self):
     batch = super().__next__()
-    if self.position == 3:
-      (workdir / "third_batch").touch()
+    with open(workdir / "batch_times", "a") as f:
+      f.write(f"{time.time()}\\n")
+    if self.position == 8:
+      (workdir / "eighth_batch").touch()
     return batch
 
 def make_iterator(data_config, split, *, batch_size, sharding, seed, **kwargs):
-  return Announcing(w.SPLITS[split], batch_size=batch_size, sharding=sharding, seed=seed, delay=delay)
+  data = dict(w.SPLITS[split], spin=w.np.full(len(w.SPLITS[split]["index"]), spin, w.np.int32))
+  return Announcing(data, batch_size=batch_size, sharding=sharding, seed=seed)
+
+def train(folder):
+  return trainer.train_and_evaluate(
+      w.tiny_config(steps, log_every=1000, checkpoint_every=1000), str(folder),
+      method=w.SlowBaseline(), make_iterator=make_iterator, evaluate=w.fake_evaluate,
+      mesh=parallel.make_mesh(jax.devices()[:1]))
 
 parallel.install_preemption_handler()
 workdir.mkdir(parents=True, exist_ok=True)
 try:
-  state = trainer.train_and_evaluate(w.tiny_config(steps), str(workdir), method=w.TinyBaseline(),
-                                     make_iterator=make_iterator, evaluate=w.fake_evaluate)
+  state = train(workdir)
 except parallel.Preempted as e:
   print(e)
   sys.exit(parallel.PREEMPTED_EXIT_CODE)
 w.np.savez(workdir / "final_params.npz", **w.flat_params(state))
+if straight:
+  w.np.savez(workdir / "straight_params.npz", **w.flat_params(train(straight[0])))
 """
 
 
-def test_sigterm_checkpoints_exits_and_resumes(tmp_path):
-  steps, workdir = 16, tmp_path / "run"
+def test_sigterm_with_slow_steps_checkpoints_within_the_steps_in_flight(tmp_path):
+  """Steps slow on the device (SlowBaseline), a host that could queue all of them: SIGTERM
+  checkpoints after the steps in flight (config.max_steps_in_flight = 2), not after the whole
+  stage, exits 143, and the resumed run ends with the params of an uninterrupted one."""
+  steps, spin, workdir = 30, 6000, tmp_path / "run"
   env = dict(os.environ, PYTHONPATH=str(REPO),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   worker = [sys.executable, "-c", _SIGTERM_WORKER, str(REPO / "tests"), str(workdir), str(steps)]
-  proc = subprocess.Popen(worker + ["0.3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  proc = subprocess.Popen(worker + [str(spin)], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 180
   try:
-    while not (workdir / "third_batch").exists():
+    while not (workdir / "eighth_batch").exists():
       assert proc.poll() is None, proc.communicate()[0][-3000:]
-      assert time.time() < deadline, "the worker did not reach its third batch within 180 s"
-      time.sleep(0.1)
+      assert time.time() < deadline, "the worker did not reach its eighth batch within 180 s"
+      time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0]
+    signalled = time.time()
+    output = proc.communicate(timeout=300)[0]
+    waited = time.time() - signalled
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -218,20 +237,23 @@ def test_sigterm_checkpoints_exits_and_resumes(tmp_path):
   assert "preempted (SIGTERM)" in output
   checkpoints = RunCheckpoints(str(workdir), keep=2)
   try:
-    stopped, meta = checkpoints.latest_meta()
+    stopped, meta = checkpoints.latest_progress()
   finally:
     checkpoints.close()
-  # Stopped at a step boundary soon after the signal, not at a periodic checkpoint (every 5).
-  assert 3 <= stopped < steps and stopped % 5 and not meta["done"], (stopped, meta)
-  assert meta["data"] == [{"position": stopped}]
+  # The host was waiting for step 6 when it took batch 8: it stops after step 8, or a step or
+  # two later if the signal is slow to arrive; unbounded, it would have queued all 30 steps.
+  assert 8 <= stopped <= 11 and not meta.done, (stopped, meta)
+  assert meta.data == [{"position": stopped}]
+  # Steps 1-5 are read one by one (divergence.window), so batches 2-5 came a step apart.
+  step_secs = float(np.median(np.diff(np.loadtxt(workdir / "batch_times")[1:5])))
+  assert waited < 3 * step_secs + 8.0, (waited, step_secs)  # the steps in flight + the write
   assert not (workdir / "eval").exists() and not (workdir / "final_params.npz").exists()
 
-  resume = subprocess.run(worker + ["0"], env=env, capture_output=True, text=True, timeout=240)
+  resume = subprocess.run(worker + ["0", str(tmp_path / "straight")], env=env,
+                          capture_output=True, text=True, timeout=300)
   assert resume.returncode == 0, resume.stderr[-3000:]
   resumed = dict(np.load(workdir / "final_params.npz"))
-  straight = w.flat_params(trainer.train_and_evaluate(
-      w.tiny_config(steps), str(tmp_path / "straight"), method=w.TinyBaseline(),
-      make_iterator=w.make_iterator_factory(), evaluate=w.fake_evaluate))
+  straight = dict(np.load(workdir / "straight_params.npz"))
   for path, value in straight.items():
     np.testing.assert_allclose(resumed[path], value, rtol=1e-6, atol=1e-7, err_msg=path)
 

@@ -147,17 +147,19 @@ from jax.sharding import Mesh
 import numpy as np
 sys.path.insert(0, {tests!r})
 import test_ensemble as t
-from cxr_jax.evaluation import evaluator
+from cxr_jax.evaluation import evaluators
+import cxr_jax.methods
 import cxr_jax.train
 
 mesh = Mesh(np.array(jax.devices()), ("data",))
-def restore_for_eval(config, workdir):  # stub: run 'runN' has the variables of seed N
+def restore_for_eval(config, workdir, method):  # stub: run 'runN' has the variables of seed N
   print("restored", os.path.basename(workdir), "width", config.model.width, "seed", config.seed)
-  return t.ScaleMethod(), None, t._variables(int(workdir[-1])), mesh
+  return None, t._variables(int(workdir[-1])), mesh
+cxr_jax.methods.get_method = lambda name: t.ScaleMethod()
 trainer = types.ModuleType("cxr_jax.train.trainer")
 trainer.restore_for_eval = restore_for_eval
 sys.modules["cxr_jax.train.trainer"] = cxr_jax.train.trainer = trainer
-evaluator._default_make_iterator = t._make_iterator
+evaluators.default_make_iterator = t._make_iterator
 from cxr_jax.cli import evaluate
 sys.argv = ["cxr-eval", "--config={config}:runlocal", "--workdir={tmp}/run0", "--config.seed=7",
             "--ensemble_workdirs={tmp}/run1,{tmp}/run2",

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh
 from sklearn import metrics as skm
 
+from cxr_jax import files
 from cxr_jax.data import schema
 from cxr_jax.evaluation import evaluator
 from cxr_jax.evaluation import metrics
@@ -105,6 +106,7 @@ def _config():
   c.data = ml_collections.ConfigDict(dict(name="synthetic", label_space="nih14"))
   c.eval_batch_size = BATCH
   c.seed = 0
+  c.cam, c.cam_threshold, c.cam_threshold_mode, c.cam_largest_only = "gradcam", 0.5, "absolute", False
   return c
 
 
@@ -117,6 +119,16 @@ def _fake_make_iterator(calls):
     assert data_config.label_space == "nih14"
     return _batches(*SPLITS[split])
   return make_iterator
+
+
+@pytest.mark.parametrize("policy", ["random", "official"])
+def test_header_names_the_real_data_split_policy(tmp_path, mesh, policy):
+  config = _config()
+  config.data.name, config.data.split_policy = "nih", policy
+  payload = evaluator.evaluate(ToyMethod(), None, _variables(), config, "test", str(tmp_path),
+                               stage="train", mesh=mesh, make_iterator=_fake_make_iterator([]))
+  with open(tmp_path / "eval" / "test.json") as f:
+    assert payload["split_policy"] == json.load(f)["split_policy"] == policy
 
 
 def test_evaluate_writes_json_equal_to_direct_metrics(tmp_path, mesh):
@@ -133,6 +145,7 @@ def test_evaluate_writes_json_equal_to_direct_metrics(tmp_path, mesh):
   assert written == json.loads(json.dumps(payload))
   assert (written["method"], written["dataset"], written["stage"], written["split"]) == (
       "toy", "synthetic", "train", "test")
+  assert written["split_policy"] == "phantom"
   assert written["num_examples"] == 45
   assert written["localization"] == {}
 
@@ -197,13 +210,13 @@ def test_write_json_atomic_replaces_whole_file_and_keeps_old_on_failure(tmp_path
   path = tmp_path / "eval" / "test.json"
   path.parent.mkdir()
   path.write_text("x" * 10_000)
-  evaluator.write_json_atomic(str(path), {"a": 1})
+  files.write_json_atomic(str(path), {"a": 1})
   assert json.loads(path.read_text()) == {"a": 1}
   before = path.read_text()
   with pytest.raises(TypeError):
-    evaluator.write_json_atomic(str(path), {"a": object()})
+    files.write_json_atomic(str(path), {"a": object()})
   with pytest.raises(ValueError):
-    evaluator.write_json_atomic(str(path), {"a": float("nan")})
+    files.write_json_atomic(str(path), {"a": float("nan")})
   assert path.read_text() == before
   assert _leftovers(path.parent) == []
 
@@ -228,7 +241,8 @@ from jax.sharding import Mesh
 import numpy as np
 sys.path.insert(0, {tests!r})
 import test_evaluator as t
-from cxr_jax.evaluation import evaluator
+from cxr_jax.evaluation import evaluators
+import cxr_jax.methods
 import cxr_jax.train
 
 class Method(t.ToyMethod):
@@ -236,10 +250,11 @@ class Method(t.ToyMethod):
     return [types.SimpleNamespace(name="pretrain"), types.SimpleNamespace(name="finetune")]
 
 mesh = Mesh(np.array(jax.devices()), ("data",))
+cxr_jax.methods.get_method = lambda name: Method()
 trainer = types.ModuleType("cxr_jax.train.trainer")  # stub: no training stack needed
-trainer.restore_for_eval = lambda config, workdir: (Method(), None, t._variables(), mesh)
+trainer.restore_for_eval = lambda config, workdir, method: (None, t._variables(), mesh)
 sys.modules["cxr_jax.train.trainer"] = cxr_jax.train.trainer = trainer
-evaluator._default_make_iterator = t._fake_make_iterator([])
+evaluators.default_make_iterator = t._fake_make_iterator([])
 from cxr_jax.cli import evaluate
 sys.argv = ["cxr-eval", "--config={config}:runlocal", "--workdir={workdir}", "--split=test"]
 evaluate.run()

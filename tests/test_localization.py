@@ -233,7 +233,7 @@ def test_evaluate_fills_localization_from_grad_cam(tmp_path):
   config = ml_collections.ConfigDict(dict(
       data=dict(name="synthetic", label_space="nih14"), eval_batch_size=8, seed=0,
       model=dict(backbone="resnet18", width=0.125, dtype="float32", blurpool=0),
-      cam="gradcam", cam_threshold=0.5))
+      cam="gradcam", cam_threshold=0.5, cam_threshold_mode="absolute", cam_largest_only=False))
   method = Baseline()
   model = method.model(config)
   k = len(schema.NIH14)
@@ -272,12 +272,13 @@ def test_evaluate_fills_localization_from_grad_cam(tmp_path):
                               labels[rows], schema.NIH14.classes, thresholds=(0.1, 0.3, 0.5, 0.7),
                               threshold=0.5)
   got = payload["localization"]
-  assert got["count"] == {"Atelectasis": 1, "Mass": 2, "Cardiomegaly": 1} == expected["count"]
+  assert got["iou@0.1"]["n"] == {"Atelectasis": 1, "Mass": 2, "Cardiomegaly": 1} == expected["count"]
   for metric in ("iou", "ior"):
     for t, row in expected[metric].items():
-      assert got[metric][t] == pytest.approx(row, abs=1e-6), (metric, t)
+      entry = got[f"{metric}@{t}"]
+      assert {**entry["per_class"], "mean": entry["mean"]} == pytest.approx(row, abs=1e-6), (metric, t)
   assert got["cam"] == "gradcam" and got["binarize_threshold"] == 0.5
   png = tmp_path / "report" / "cam_test.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   saved = json.loads((tmp_path / "eval" / "test.json").read_text())
-  assert saved["localization"]["count"] == got["count"]
+  assert saved["localization"]["iou@0.3"]["n"] == got["iou@0.3"]["n"]

@@ -10,7 +10,8 @@ from flax import traverse_util
 
 from configs import msml as msml_config
 from cxr_jax.methods import get_method
-from cxr_jax.methods.msml import MSML, msml_loss
+from cxr_jax.losses import msml_loss
+from cxr_jax.methods.msml import MSML
 from cxr_jax.models import bilinear
 from cxr_jax.train import parallel, trainer
 
@@ -209,6 +210,45 @@ def test_streams_start_identical_and_cam_target_is_stream1_ce_head():
                              rtol=1e-6)
 
 
+def test_single_stream_models_r18_and_r18_bl():
+  """Table 1's 'R18' (msml.streams='one': one backbone, GAP + CE head) and 'R18-BL'
+  ('one_bl': the map pooled bilinearly with itself, then the FCE head): their logits against
+  float64 references, their CAM head and predictions, one stage of plain BCE on that head."""
+  method = get_method("msml")
+  x = jax.random.normal(jax.random.key(1), (2, 64, 64, 1))   # a 2 x 2 map: locations to pool
+  for streams, key in (("one", "ce_logits"), ("one_bl", "fce_logits")):
+    config = tiny_config(streams=streams)
+    model = method.model(config)
+    assert isinstance(model, bilinear.OneStream) and method.pretrained_prefixes == ("stream1",)
+
+    def run(rng, x):   # eager: a compiled program costs more than these few ops at 64 px
+      variables = model.init({"params": rng}, x, train=False)
+      features_fn, head_fn = method.cam_target(model, variables)
+      return (variables, model.apply(variables, x, train=False), head_fn(features_fn(x)),
+              method.predict(model, variables, {"image": x}))
+
+    variables, outputs, cam_logits, predicted = run(jax.random.key(0), x)
+    head = "ce_head" if streams == "one" else "fce_head"
+    assert set(variables["params"]) == {"stream1", head}
+    assert set(outputs) == {key, "features"} and outputs[key].shape == (2, 14)
+    f = np.asarray(outputs["features"], np.float64)
+    z = f.mean(axis=(1, 2)) if streams == "one" else bilinear_reference(f, f)
+    kernel, bias = (np.asarray(variables["params"][head][k], np.float64)
+                    for k in ("kernel", "bias"))
+    np.testing.assert_allclose(np.asarray(outputs[key]), z @ kernel + bias, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(cam_logits), np.asarray(outputs[key]), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(predicted["probs"]),
+                               np.asarray(jax.nn.sigmoid(outputs[key])), rtol=1e-6)
+    assert ("heatmaps" in predicted) == (streams == "one")   # a linear CAM needs a GAP head
+    (stage,) = method.stages(config)
+    assert stage.name == "train" and stage.steps == config.train_steps
+    assert stage.loss.args == ((1.0, 0.0, 0.0) if streams == "one" else (0.0, 0.0, 1.0), "msml")
+    with pytest.raises(ValueError, match="strategy must be 'global'"):
+      method.stages(tiny_config(streams=streams, strategy="local"))
+  assert get_method("msml").pretrained_prefixes == ("stream1", "stream2")
+
+
 def test_strategies_build_table2_stages():
   method = get_method("msml")
   rows = msml_config.get_sweep()
@@ -244,7 +284,7 @@ def test_local_fixed_keeps_streams_bit_identical_in_stage_two(tmp_path):
 
   class CapturingMSML(MSML):
     def stages(self, config):
-      return [dataclasses.replace(s, init_extras=capture(s.name)) for s in super().stages(config)]
+      return [dataclasses.replace(s, hooks=dataclasses.replace(s.hooks, init_extras=capture(s.name))) for s in super().stages(config)]
 
   state = trainer.train_and_evaluate(config, str(tmp_path), method=CapturingMSML(),
                                      evaluate=fake_evaluate,
@@ -262,3 +302,15 @@ def test_local_fixed_keeps_streams_bit_identical_in_stage_two(tmp_path):
   # CE on stream 1 and MSML on stream 2 break the symmetry (Sec. 2.3).
   assert any(not np.array_equal(start[p], start["stream2/" + p[8:]])
              for p in stream_paths if p.startswith("stream1/"))
+
+
+def test_nih_preset_splits_at_random_as_ge_and_the_eval_header_says_so():
+  """Sec. 3: a random patient split 70/10/20 of all NIH images, not the official test list."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  from cxr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
+  config = msml_config.get_config("dataset=nih")
+  assert config.data.split_policy == "random"
+  assert (config.data.val_fraction, config.data.test_fraction) == (0.1, 0.2)
+  assert evaluator.split_policy_used(config.data) == "random"
+  assert common.base_config("dataset=nih").data.split_policy == "official"
+  assert evaluator.split_policy_used(msml_config.get_config("runlocal").data) == "phantom"

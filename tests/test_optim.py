@@ -10,9 +10,10 @@ import pytest
 from flax import traverse_util
 
 import _trainer_worker as w
-from cxr_jax.methods.base import Stage
+from cxr_jax.train.stage import Stage
 from cxr_jax.methods.baseline import classification_loss
 from cxr_jax.train import optim, trainer
+from cxr_jax.train import step as train_step
 from cxr_jax.train.state import TrainState
 
 
@@ -92,14 +93,14 @@ def _run_steps(trainable, steps=4):
   model = method.model(config)
   stage = Stage(name="probe", loss=functools.partial(classification_loss, "bce"), steps=steps,
                 optimizer=config.optimizer, trainable=trainable)
-  params, batch_stats = trainer.init_variables(model, stage, config, jax.random.key(0))
+  params, batch_stats = train_step.init_variables(model, stage, config, jax.random.key(0))
   labels = optim.param_labels(params, trainable, stage=stage.name)
   bs_labels = optim.batch_stats_labels(batch_stats, labels, trainable)
   tx = optim.make_optimizer(config.optimizer, params, trainable, steps, stage=stage.name)
   state = TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats, opt_state=tx.init(params),
                      extras={}, rng=jax.random.key_data(jax.random.key(1)))
   before = jax.device_get(state)
-  step = jax.jit(trainer.make_train_step(model, stage, tx, labels, bs_labels), donate_argnums=0)
+  step = jax.jit(train_step.make_train_step(model, stage, tx, labels, bs_labels), donate_argnums=0)
   iterator = w.ArrayIterator(w.SPLITS["train"], batch_size=16, sharding=jax.devices()[0], seed=0)
   for _ in range(steps):
     state, _ = step(state, next(iterator))

@@ -11,10 +11,12 @@ import optax
 import pytest
 
 from configs import patch_loc as patch_loc_config
+from cxr_jax import losses
 from cxr_jax.data import schema
+from cxr_jax.evaluation import evaluator, evaluators, patch_grid
 from cxr_jax.methods import get_method
 from cxr_jax.methods import patch_loc
-from cxr_jax.train import trainer
+from cxr_jax.train import parallel, trainer
 
 P = 20  # the paper's grid: 400 patches
 
@@ -63,12 +65,12 @@ def test_li_loss_is_finite_where_the_naive_product_underflows():
   naive_box = jnp.prod(jnp.where(grid[0, ..., 0] > 0, p[0, ..., 0], 1 - p[0, ..., 0]))
   naive_any = 1 - jnp.prod(1 - p[1, ..., 1])
   assert float(naive_box) == 0.0 and float(naive_any) == 0.0   # float32 product underflows
-  per_image, _ = patch_loc.li_loss(jnp.asarray(logits), jnp.asarray(grid), jnp.asarray(labels),
+  per_image, _ = losses.li_loss(jnp.asarray(logits), jnp.asarray(grid), jnp.asarray(labels),
                                    jnp.asarray(annotated), jnp.asarray(unannotated), 70.0)
   expected = li_reference(logits, grid, labels, annotated, unannotated, 70.0)
   assert np.all(np.isfinite(per_image))
   np.testing.assert_allclose(np.asarray(per_image), expected, rtol=2e-5)
-  grads = jax.grad(lambda l: jnp.sum(patch_loc.li_loss(
+  grads = jax.grad(lambda l: jnp.sum(losses.li_loss(
       l, jnp.asarray(grid), jnp.asarray(labels), jnp.asarray(annotated),
       jnp.asarray(unannotated), 70.0)[0]))(jnp.asarray(logits))
   assert np.all(np.isfinite(grads))
@@ -82,7 +84,7 @@ def test_li_loss_is_finite_where_the_naive_product_underflows():
 def test_log_noisy_or_matches_float64_over_all_regimes():
   for scale, shift in ((1.0, 0.0), (0.5, -30.0), (0.5, -120.0), (3.0, 5.0)):
     logits = (np.random.default_rng(1).normal(0, scale, (3, 5, 5, 2)) + shift).astype(np.float32)
-    log_pos, log_neg = patch_loc.log_noisy_or(jnp.asarray(logits))
+    log_pos, log_neg = losses.log_noisy_or(jnp.asarray(logits))
     l64 = logits.astype(np.float64)
     log_none = -np.sum(np.logaddexp(0, l64), axis=(1, 2))
     # log(1 - e^{log_none}); when p ~ e^l underflows even in float64's 1 - p, use log sum e^l.
@@ -136,7 +138,7 @@ def test_rozenberg_loss_matches_float64_loop(form):
        "tau_hat": np.array([4.0, 10.0, 2.0], np.float32),
        "rho_hat": np.array([1.0, 3.0, 30.0], np.float32)}
   gamma = np.array([0.5, 0.2, 1.0], np.float32)
-  got, _ = patch_loc.rozenberg_loss(jnp.asarray(z), jnp.asarray(grid), jnp.asarray(labels),
+  got, _ = losses.rozenberg_loss(jnp.asarray(z), jnp.asarray(grid), jnp.asarray(labels),
                                     jnp.asarray(annotated), jnp.asarray(unannotated),
                                     {a: jnp.asarray(b) for a, b in t.items()}, 70.0,
                                     jnp.asarray(gamma), form)
@@ -147,7 +149,7 @@ def test_rozenberg_loss_matches_float64_loop(form):
 def test_positive_negative_ratio():
   labels = np.array([[1, 0], [0, 0], [1, 1], [0, 1]], np.float32)
   weight = np.array([[1, 1], [1, 0], [0, 1], [1, 1]], np.float32)
-  got = patch_loc.positive_negative_ratio(jnp.asarray(labels), jnp.asarray(weight))
+  got = losses.positive_negative_ratio(jnp.asarray(labels), jnp.asarray(weight))
   # class 0: rows 0,1,3 weighted: 1 positive, 2 negatives; class 1: rows 0,2,3: 2 pos, 1 neg
   np.testing.assert_allclose(np.asarray(got), [0.5, 2.0])
 
@@ -158,7 +160,7 @@ def test_annotation_weights_use_only_kept_boxes_of_the_box_classes():
   has_boxes = np.array([1, 0, 1], np.float32)
   mask = np.ones((3, 3), np.float32)
   mask[2] = 0  # a padding row
-  a, u = patch_loc.annotation_weights(jnp.asarray(grid), jnp.asarray(has_boxes), jnp.asarray(mask),
+  a, u = losses.annotation_weights(jnp.asarray(grid), jnp.asarray(has_boxes), jnp.asarray(mask),
                                       jnp.asarray([1.0, 1.0, 0.0]))
   np.testing.assert_array_equal(np.asarray(a), [[1, 0, 0], [0, 0, 0], [0, 0, 0]])
   np.testing.assert_array_equal(np.asarray(u), [[0, 1, 1], [1, 1, 1], [0, 0, 0]])
@@ -189,7 +191,7 @@ def test_joint_training_collapses_thresholds_and_alternation_does_not():
     return {name: scale[name] * jax.nn.sigmoid(raw[name]) for name in raw}
 
   def loss(params):
-    per_image, _ = patch_loc.rozenberg_loss(
+    per_image, _ = losses.rozenberg_loss(
         jax.nn.sigmoid(0.2 * params["logits"]), jnp.asarray(grid), jnp.asarray(labels),
         jnp.asarray(annotated), jnp.asarray(zero), thresholds(params["raw"]), 70.0, 1.0)
     return jnp.mean(per_image)
@@ -266,27 +268,82 @@ def test_stages_alternate_thresholds_and_freeze_the_unary_model_for_the_crf():
     method.stages(tiny_config("loss=li", **{"patch_loc.loss": "nope"}))
 
 
+def test_paper_preset_fixes_the_thresholds_and_turns_blurpool_on():
+  """dataset=nih: BlurPool (Sec. 3.3) on, the thresholds fixed hyperparameters (one 'network'
+  stage that trains no threshold); fixed_thresholds=False gives back the alternation."""
+  from cxr_jax.train import optim  # pylint: disable=import-outside-toplevel
+  method = get_method("patch_loc")
+  config = tiny_config("dataset=nih,loss=rozenberg,crf=1")
+  assert config.model.blurpool == 3 and config.patch_loc.fixed_thresholds
+  assert tiny_config("loss=rozenberg").model.blurpool == 0      # phantoms: as measured
+  stages = method.stages(config)
+  assert [s.name for s in stages] == ["network", "crf"]
+  assert stages[0].steps == config.train_steps
+  size = config.data.image_size
+  params = jax.eval_shape(lambda: method.model(config).init(
+      jax.random.key(0), jnp.zeros((1, size, size, 1)), train=False))["params"]
+  labels = optim.param_labels(params, stages[0].trainable, stage="network")
+  assert set(jax.tree.leaves(labels["thresholds"])) == {"frozen"}
+  assert set(jax.tree.leaves(labels["backbone"])) == {"train"}
+  literal = tiny_config("dataset=nih,loss=rozenberg", **{"patch_loc.fixed_thresholds": False})
+  assert [s.name for s in method.stages(literal)][:2] == ["network0", "thresholds0"]
+
+
 @pytest.mark.slow
 def test_rozenberg_with_crf_trains_and_writes_patch_accuracy(tmp_path):
   config = tiny_config(
       "loss=rozenberg,crf=1,grid=4,folds=2,fold=1,unannotated=0.2,backbone=resnet18",
       **{"patch_loc.alternations": 1})
-  state = trainer.train_and_evaluate(config, str(tmp_path))
+  method = get_method(config.method)
+  state = trainer.train_and_evaluate(config, str(tmp_path), method=method)
   params = jax.device_get(state.params)
   assert set(params) == {"backbone", "head", "thresholds", "guide", "crf"}
   with open(tmp_path / "eval" / "test.json") as f:
     payload = json.load(f)
-  patch = payload["localization"]["patch"]
+  patch = payload["patch_grid"]
+  # The config's evaluator, run by hand on the final state, gives the section the trainer wrote.
+  ctx = evaluators.EvalContext(
+      config=config, workdir=None, method=method, model=method.model(config),
+      mesh=parallel.make_mesh(), make_iterator=evaluators.default_make_iterator,
+      evaluate=evaluator.evaluate)
+  (declared,) = [d for d in evaluators.build_evals(ctx) if d.name == "patch_grid"]
+  assert isinstance(declared.evaluator, patch_grid.PatchGridEval)
+  again = declared.evaluator.run(state.variables(), stage="crf")
+  assert set(again) == {"val", "test"} and json.loads(json.dumps(again["test"])) == patch
   assert patch["grid_size"] == 4
   boxed = set(schema.NIH14.boxed)
-  assert set(patch["count"]) <= boxed and patch["count"]
-  assert set(patch["iou"]["0.1"]) - {"mean"} == set(patch["count"])
-  assert all(0.0 <= v <= 1.0 for v in patch["ior"]["0.1"].values())
+  assert set(patch["iou@0.1"]["n"]) <= boxed and patch["iou@0.1"]["n"]
+  assert set(patch["iou@0.1"]["per_class"]) == set(patch["iou@0.1"]["n"])
+  assert all(0.0 <= v <= 1.0 for v in patch["ior@0.1"]["per_class"].values())
+  assert 0.0 <= patch["ior@0.1"]["mean"] <= 1.0
+  # The all-positive reference covers the same units; with every patch detected, IoU and IoR
+  # are both |G| / P^2, and a larger T can only lower the accuracy.
+  reference = patch["all_positive"]
+  assert reference["iou@0.1"]["n"] == patch["iou@0.1"]["n"]
+  for t in ("0.1", "0.3", "0.5", "0.7"):
+    assert reference[f"iou@{t}"]["per_class"] == reference[f"ior@{t}"]["per_class"]
+  assert all(reference["iou@0.1"]["per_class"][c] >= reference["iou@0.7"]["per_class"][c]
+             for c in reference["iou@0.1"]["per_class"])
 
 
 def test_nih_config_defaults_to_512_px_but_keeps_a_given_size():
   assert patch_loc_config.get_config("dataset=nih").data.image_size == 512
   assert patch_loc_config.get_config("dataset=nih,size=128").data.image_size == 128
+
+
+def test_nih_config_is_rozenbergs_cross_validation_reported_on_the_held_out_fold():
+  """Every NIH box is on an official-test image: dataset=nih runs 5-fold CV over the boxed
+  images unless the arg gives folds, and evals.patch_grid reports the held-out fold only."""
+  nih = patch_loc_config.get_config("dataset=nih")
+  assert (nih.data.cv.num_folds, nih.data.cv.fold) == (5, 0)
+  assert tuple(nih.evals.patch_grid.splits) == ("test",)
+  given = patch_loc_config.get_config("dataset=nih,folds=3,fold=2").data.cv
+  assert (given.num_folds, given.fold) == (3, 2)
+  assert patch_loc_config.get_config("dataset=nih,folds=0").data.cv.num_folds == 0
+  assert len(patch_loc_config.get_sweep("dataset=nih")) == 10
+  phantoms = patch_loc_config.get_config(None)    # unchanged: no CV, val and test reported
+  assert phantoms.data.cv.num_folds == 0
+  assert tuple(phantoms.evals.patch_grid.splits) == ("val", "test")
 
 
 def test_crf_run_starts_from_the_finished_base_runs_newest_checkpoint(tmp_path):
@@ -301,8 +358,34 @@ def test_crf_run_starts_from_the_finished_base_runs_newest_checkpoint(tmp_path):
     (base / "checkpoints" / str(step) / "state" / "d").write_text(f"step {step}")
   assert not cv.start_from_base_run(str(crf), str(base))       # base run not evaluated yet
   (base / "eval").mkdir()
-  (base / "eval" / "test.json").write_text(json.dumps({"localization": {"patch": {}}}))
+  (base / "eval" / "test.json").write_text(json.dumps({"patch_grid": {}}))
   assert cv.start_from_base_run(str(crf), str(base))
   assert os.listdir(crf / "checkpoints") == ["350"]
   assert (crf / "checkpoints" / "350" / "state" / "d").read_text() == "step 350"
   assert not cv.start_from_base_run(str(crf), str(base))       # never over its own checkpoints
+
+
+def test_patch_report_metric_form_and_the_all_positive_reference():
+  """patch_report's 'iou@T' / 'all_positive' entries against a direct numpy count."""
+  rng = np.random.default_rng(0)
+  space = schema.NIH14
+  n, p, k = 6, 5, len(space)
+  grid = (rng.uniform(size=(n, p, p, k)) < 0.15).astype(np.float32)
+  z = rng.uniform(size=(n, p, p, k)).astype(np.float32)
+  report = patch_grid.patch_report(z, grid, space)
+  for c, name in zip(space.boxed_indices, space.boxed):
+    units = [i for i in range(n) if grid[i, ..., c].any()]
+    if not units:
+      assert name not in report["iou@0.1"]["per_class"]
+      continue
+    area = np.array([grid[i, ..., c].sum() / p ** 2 for i in units])  # IoU = IoR = |G| / P^2
+    detected = z[units][..., c] >= 0.5
+    gt = grid[units][..., c] > 0
+    inter = (detected & gt).sum(axis=(1, 2))
+    union = (detected | gt).sum(axis=(1, 2))
+    ours_iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    for t in (0.1, 0.3, 0.5, 0.7):
+      assert report["all_positive"][f"iou@{t}"]["per_class"][name] == pytest.approx(np.mean(area >= t))
+      assert report["all_positive"][f"ior@{t}"]["per_class"][name] == pytest.approx(np.mean(area >= t))
+      assert report[f"iou@{t}"]["per_class"][name] == pytest.approx(np.mean(ours_iou >= t))
+    assert report["iou@0.1"]["n"][name] == len(units)

@@ -9,7 +9,7 @@ import pytest
 
 from configs import common
 from cxr_jax.cli import phantoms as phantoms_cli
-from cxr_jax.data import prepared, schema
+from cxr_jax.data import prepared, schema, shards
 from cxr_jax.data.sources import nih, phantom_export, synthetic
 
 NUM, SIZE, SEED, TEST_FRACTION = 16, 64, 5, 0.4
@@ -84,7 +84,7 @@ def test_official_split_is_by_patient(exported):
 def test_prepared_dataset_holds_the_phantom_images(exported, tmp_path):
   folder, truth = exported
   data_dir = str(tmp_path / "prepared")
-  built = prepared.prepare("nih", folder, data_dir, SIZE, workers=1, progress=False)
+  built = shards.prepare("nih", folder, data_dir, SIZE, workers=1, progress=False)
   source = prepared.PreparedSource(built)
   assert sorted(source.image_ids) == sorted(truth)
   for i in range(len(source)):

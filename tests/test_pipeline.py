@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs.common import base_config
-from cxr_jax.data import annotations, augment, pipeline, schema
+from cxr_jax.data import anatomy, annotations, augment, pipeline, schema, splits
 from cxr_jax.data.sources import synthetic
 
 BATCH = 8
@@ -42,7 +42,7 @@ def assert_batches_equal(got, want):
 
 def test_synthetic_splits_are_patient_disjoint_and_annotation_is_limited():
   c = data_config()
-  bounds = pipeline.synthetic_bounds(40, 15, 16, synthetic.IMAGES_PER_PATIENT)
+  bounds = splits.synthetic_bounds(40, 15, 16, synthetic.IMAGES_PER_PATIENT)
   np.testing.assert_array_equal(bounds, [0, 40, 56, 72])  # 55 rounds up to a whole patient
   parts = {split: pipeline.make_source(c, split) for split in ("train", "val", "test")}
   assert [len(parts[s]) for s in ("train", "val", "test")] == [40, 16, 16]
@@ -74,6 +74,24 @@ def test_synthetic_splits_are_patient_disjoint_and_annotation_is_limited():
   for i in range(len(val)):
     assert val[i]["has_boxes"] == 1
     np.testing.assert_array_equal(val[i]["boxes"], val_phantoms[i]["boxes"])
+
+
+def test_anatomy_regions_and_true_poses_of_phantoms_only():
+  c = data_config()
+  regions = anatomy.anatomy_regions(c, 32)
+  for name, region in synthetic.anatomy_regions(32).items():
+    np.testing.assert_array_equal(regions[name], region)
+  source = pipeline.make_source(c, "unannotated_train")
+  indices = np.array([5, 0, 17])
+  poses = anatomy.true_poses(c, "unannotated_train", indices)
+  for row, i in enumerate(indices):
+    want = synthetic.sample_pose(c.synthetic.seed, source.source.offset + int(source.indices[i]))
+    np.testing.assert_array_equal(poses["matrix"][row], want.matrix())
+    assert (poses["angle"][row], poses["scale"][row]) == (want.angle, want.scale)
+    np.testing.assert_array_equal(poses["shift"][row], want.shift)
+  real = data_config(name="nih")
+  assert anatomy.anatomy_regions(real, 32) is None
+  assert anatomy.true_poses(real, "val", indices) is None
 
 
 def test_unknown_dataset_and_split():

@@ -1,5 +1,6 @@
 """cxr-prepare: ArrayRecord shards round-trip, resume, bad input, splits on prepared data."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from configs import common
 from cxr_jax.cli import prepare as prepare_cli
-from cxr_jax.data import pipeline, prepared, schema, splits
+from cxr_jax.data import layout, pipeline, prepared, schema, shards, splits
+from cxr_jax.data.sources import nih
 from cxr_jax.data.sources import records as records_lib
 from cxr_jax.data.sources import synthetic
 
@@ -47,8 +49,8 @@ def fake_records(folder) -> list[records_lib.Record]:
 
 
 def build(records, data_dir, **kwargs):
-  return prepared.prepare_records("nih", records, records_lib.Problems(), schema.NIH14,
-                                  str(data_dir), SIZE, progress=False, min_shards=1, **kwargs)
+  return shards.prepare_records("nih", records, records_lib.Problems(), schema.NIH14,
+                                str(data_dir), SIZE, progress=False, min_shards=1, **kwargs)
 
 
 def data_config(data_dir, **overrides):
@@ -70,9 +72,9 @@ def fake(tmp_path_factory):
 
 
 def encoder_killed_after(count: int | None, encoded: list):
-  """``prepared.encode_record`` that records each id in ``encoded`` and raises
+  """``shards.encode_record`` that records each id in ``encoded`` and raises
   KeyboardInterrupt (a killed build) when asked for record ``count + 1`` (None: never)."""
-  encode = prepared.encode_record
+  encode = shards.encode_record
 
   def encode_or_die(record, *args):
     if count is not None and len(encoded) == count:
@@ -110,7 +112,7 @@ def test_every_field_round_trips(fake):
     assert (ex["patient_id"], ex["image_id"]) == (r.patient_id, r.id)
     assert source.official_splits[i] == r.official_split
     assert source.num_boxes[i] == n
-  with open(os.path.join(folder, prepared.REPORT_FILE)) as f:
+  with open(os.path.join(folder, layout.REPORT_FILE)) as f:
     assert json.load(f)["count"] == 0
 
 
@@ -135,7 +137,7 @@ def test_png_compression_level_changes_bytes_not_pixels(fake, tmp_path, monkeypa
   decodes to the same pixels in fewer PNG bytes; an unfinished build is not resumed at
   another level."""
   recs, _, folder = fake
-  assert prepared.PNG_COMPRESSION == 0
+  assert shards.PNG_COMPRESSION == 0
   level9 = build(recs, tmp_path / "level9", shard_size=5, png_compression=9)
   raw, packed = prepared.PreparedSource(folder), prepared.PreparedSource(level9)
   for i in range(len(raw)):
@@ -145,11 +147,11 @@ def test_png_compression_level_changes_bytes_not_pixels(fake, tmp_path, monkeypa
   assert sum(png_bytes(packed)) < sum(png_bytes(raw))
   with pytest.raises(ValueError, match="png_compression=10"):
     build(recs, tmp_path / "bad", png_compression=10)
-  encode = prepared.encode_record
-  monkeypatch.setattr(prepared, "encode_record", encoder_killed_after(7, []))
+  encode = shards.encode_record
+  monkeypatch.setattr(shards, "encode_record", encoder_killed_after(7, []))
   with pytest.raises(KeyboardInterrupt):
     build(recs, tmp_path / "resume", shard_size=3, png_compression=9)
-  monkeypatch.setattr(prepared, "encode_record", encode)
+  monkeypatch.setattr(shards, "encode_record", encode)
   with pytest.raises(ValueError, match="unfinished build of different records or options"):
     build(recs, tmp_path / "resume", shard_size=3)
   assert build(recs, tmp_path / "resume", shard_size=3, png_compression=9)
@@ -237,13 +239,13 @@ def test_label_space_mapping_by_name(fake):
 
 def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkeypatch):
   recs = fake_records(str(tmp_path))[:12]
-  encode = prepared.encode_record
-  monkeypatch.setattr(prepared, "encode_record", encoder_killed_after(7, []))
+  encode = shards.encode_record
+  monkeypatch.setattr(shards, "encode_record", encoder_killed_after(7, []))
   with pytest.raises(KeyboardInterrupt):
     build(recs, tmp_path / "resumed", shard_size=3)
-  monkeypatch.setattr(prepared, "encode_record", encode)
-  final = prepared.dataset_dir(str(tmp_path / "resumed"), "nih", SIZE)
-  work = os.path.join(os.path.dirname(final), f".incomplete-{prepared.VERSION}")
+  monkeypatch.setattr(shards, "encode_record", encode)
+  final = layout.dataset_dir(str(tmp_path / "resumed"), "nih", SIZE)
+  work = os.path.join(os.path.dirname(final), f".incomplete-{layout.VERSION}")
   assert not os.path.exists(final)
   done = sorted(n for n in os.listdir(work) if n.startswith("cxr_nih-"))
   assert len(done) == 2            # 7 records encoded = 2 whole shards of 3
@@ -254,7 +256,7 @@ def test_killed_build_resumes_without_rewriting_finished_shards(tmp_path, monkey
     prepared.open_prepared(data_config(tmp_path / "resumed"))
 
   encoded = []
-  monkeypatch.setattr(prepared, "encode_record", encoder_killed_after(None, encoded))
+  monkeypatch.setattr(shards, "encode_record", encoder_killed_after(None, encoded))
   assert build(recs, tmp_path / "resumed", shard_size=3) == final
   assert encoded == [r.id for r in recs[6:]]     # only the unfinished shards were encoded
   for name, before in stat.items():
@@ -276,14 +278,14 @@ def test_bad_image_raises_naming_it_and_leaves_nothing_complete(tmp_path):
   with pytest.raises(records_lib.BadInput, match=recs[4].id) as info:
     build(recs, tmp_path / "out", shard_size=2)
   assert recs[4].path in str(info.value)
-  assert not os.path.exists(prepared.dataset_dir(str(tmp_path / "out"), "nih", SIZE))
+  assert not os.path.exists(layout.dataset_dir(str(tmp_path / "out"), "nih", SIZE))
   with pytest.raises(FileNotFoundError, match="data.data_dir"):
     prepared.open_prepared(data_config(tmp_path / "out"))
 
   folder = build(recs, tmp_path / "out", shard_size=2, skip_bad=True)   # resumes the failed build
   source = prepared.PreparedSource(folder)
   assert recs[4].id not in source.image_ids and len(source) == 5
-  with open(os.path.join(folder, prepared.REPORT_FILE)) as f:
+  with open(os.path.join(folder, layout.REPORT_FILE)) as f:
     report = json.load(f)
   assert report["bad_count"] == 1 and report["entries"][0]["file"] == recs[4].path
 
@@ -322,9 +324,9 @@ def test_cli_bad_row_raises_naming_file_and_line_or_is_reported(nih_sample_dir, 
           f"--image_size={SIZE}", "--workers=1", "--no_progress"]
   with pytest.raises(records_lib.BadInput, match=rf"Data_Entry_2017_v2020\.csv, line {bad_line}"):
     prepare_cli.main(argv)
-  assert not os.path.exists(prepared.dataset_dir(str(tmp_path / "out"), "nih", SIZE))
+  assert not os.path.exists(layout.dataset_dir(str(tmp_path / "out"), "nih", SIZE))
   folder = prepare_cli.main(argv + ["--skip_bad"])
-  with open(os.path.join(folder, prepared.REPORT_FILE)) as f:
+  with open(os.path.join(folder, layout.REPORT_FILE)) as f:
     report = json.load(f)
   assert report["bad_count"] == 1 and report["entries"][0]["row"] == bad_line
   assert sorted(prepared.PreparedSource(folder).image_ids) == names
@@ -399,7 +401,7 @@ def test_without_official_train_images_all_images_are_split_by_patient():
   """The NIH sample: every image is in the official test list, yet train / val / test exist."""
   ids = np.repeat(np.arange(50).astype(str), 2)
   data = common.base_config("dataset=nih").data
-  parts = prepared.split_indices(ids, np.full(len(ids), "test"), np.ones(len(ids), bool), data)
+  parts = splits.split_indices(ids, np.full(len(ids), "test"), np.ones(len(ids), bool), data)
   assert all(len(parts[k]) for k in ("train", "val", "test"))
   np.testing.assert_array_equal(np.sort(np.concatenate(list(parts.values()))), np.arange(100))
   splits.assert_patient_disjoint(parts, ids)
@@ -413,7 +415,7 @@ def test_stored_examples_equal_tfds_data_source(fake):
   _, _, folder = fake
   stored = prepared.StoredExamples(folder)
   builder = tfds.builder_from_directory(folder)
-  assert stored.splits == [s for s in prepared.SPLITS if s in builder.info.splits]
+  assert stored.splits == [s for s in splits.SPLITS if s in builder.info.splits]
   index = 0
   for split in stored.splits:
     raw = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
@@ -502,13 +504,19 @@ def test_corrupt_shard_or_record_raises_naming_the_shard(fake, tmp_path):
     prepared.PreparedSource(copy)[first(3)]
 
 
+SHARED_TEST_PATIENT = f"p{NUM_PATIENTS - TEST_PATIENTS}"   # in EGD and REFLACX's official test
+
+
 def prepare_egd_and_reflacx(recs, data_dir) -> dict[str, list[records_lib.Record]]:
-  """The fake records as prepared 'egd' (patients 0-7) and 'reflacx' (4-11) datasets."""
+  """The fake records as prepared 'egd' (patients 0-8, no official split: stored 'train', as
+  EGD-CXR is) and 'reflacx' (4-11, official splits) datasets: patients 4-8 are in both, and
+  patient 8 is in REFLACX's official test split."""
   third = NUM_PATIENTS // 3 * PER_PATIENT
-  parts = {"egd": recs[:2 * third], "reflacx": recs[third:]}     # patients 4-7 in both
+  egd = [dataclasses.replace(r, official_split="") for r in recs[:2 * third + PER_PATIENT]]
+  parts = {"egd": egd, "reflacx": recs[third:]}
   for name, part in parts.items():
-    prepared.prepare_records(name, part, records_lib.Problems(), schema.NIH14, str(data_dir), SIZE,
-                             progress=False, min_shards=1)
+    shards.prepare_records(name, part, records_lib.Problems(), schema.NIH14, str(data_dir), SIZE,
+                           progress=False, min_shards=1)
   return parts
 
 
@@ -533,6 +541,10 @@ def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
   assert all(len(s) == 1 for s in patients.values()), patients
   assert {p for p, s in patients.items() if s == {"test"}} == {
       r.patient_id for r in recs if r.official_split == "test"}
+  # The patient of EGD (no official split) and of REFLACX's official test: all in test.
+  test_ids = set(sources["test"].source.image_ids[sources["test"].indices])
+  shared = [r.id for r in parts["egd"] + parts["reflacx"] if r.patient_id == SHARED_TEST_PATIENT]
+  assert len(shared) == 2 * PER_PATIENT and set(shared) <= test_ids
   with pytest.raises(IndexError, match="out of range"):
     union[len(union)]
   for bad in ("egd+egd", "egd+", "synthetic+egd"):
@@ -545,6 +557,24 @@ def test_two_prepared_datasets_join_with_plus(fake, tmp_path):
                               maps=("gaze_map",), augment=False) as it:
     seen = sum(int(np.asarray(batch["valid"]).sum()) for batch in it)
   assert seen == len(sources["train"])
+
+
+def test_joined_parts_that_disagree_on_an_official_split_are_an_error():
+  """Two parts with official splits putting one patient in different ones: one line naming the
+  patient and both parts; under data.split_policy 'random' no official split is read."""
+  ids = np.array(["a", "a", "b", "b", "c"])
+  official = np.array(["train", "test", "val", "", ""])
+  parts = np.array(["mimic", "reflacx", "reflacx", "egd", "egd"])
+  data = common.base_config("dataset=mimic").data
+  with pytest.raises(ValueError) as raised:
+    splits.split_indices(ids, official, np.zeros(5, bool), data, parts=parts)
+  assert str(raised.value) == ("patient 'a' is in official split 'test' of part 'reflacx' and "
+                               "'train' of part 'mimic': the parts of a joined dataset must agree")
+  np.testing.assert_array_equal(splits.follow_official_splits(ids[2:], official[2:], parts[2:]),
+                                ["val", "val", "train"])
+  data.split_policy = "random"
+  parts_random = splits.split_indices(ids, official, np.zeros(5, bool), data, parts=parts)
+  assert sum(len(v) for v in parts_random.values()) == 5
 
 
 def test_a_joined_part_keeps_only_the_annotation_it_names(fake, tmp_path):
@@ -577,13 +607,14 @@ def test_a_joined_part_keeps_only_the_annotation_it_names(fake, tmp_path):
   assert "keeping boxes" in repr(kept)
   sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
   drawn = {"gaze_map": [], "box_map": []}     # (from EGD, map drawn) per valid row
+  train = pipeline.make_source(data_config(tmp_path, name="egd:gaze+reflacx:boxes"), "train")
   with pipeline.make_iterator(data_config(tmp_path, name="egd:gaze+reflacx:boxes"), "train",
                               batch_size=8, sharding=sharding, seed=0, shuffle=False,
                               num_epochs=1, drop_remainder=False, maps=tuple(drawn),
                               augment=False) as it:
     for batch in it:
       valid = np.asarray(batch["valid"]) > 0
-      from_egd = np.asarray(batch["index"])[valid] < num_egd
+      from_egd = train.indices[np.asarray(batch["index"])[valid]] < num_egd   # split -> joined
       for key, rows in drawn.items():
         rows += zip(from_egd, np.asarray(batch[key])[valid].max(axis=(1, 2, 3)) > 0)
   assert {egd for egd, drew in drawn["gaze_map"] if drew} == {True}    # only EGD draws gaze
@@ -591,3 +622,82 @@ def test_a_joined_part_keeps_only_the_annotation_it_names(fake, tmp_path):
   for bad in ("egd:masks+reflacx", "egd:+reflacx", ":gaze+egd", "egd:gaze+egd:boxes"):
     with pytest.raises(KeyError, match="data.name"):
       pipeline.make_source(data_config(tmp_path, name=bad), "train")
+
+
+NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+              "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+BOXED = (0, 2, 5)     # the images of fake_nih_tree that BBox_List boxes
+
+
+def fake_nih_tree(folder, num_images=8):
+  """An NIH download of ``num_images`` phantom PNGs (2 per patient), boxes on ``BOXED``;
+  returns the image names."""
+  phantoms = synthetic.SyntheticPhantoms(num_examples=num_images, image_size=SOURCE_SIZE, seed=5)
+  os.makedirs(folder / "images")
+  names = [f"{i // 2 + 1:08d}_{i % 2:03d}.png" for i in range(num_images)]
+  rows, boxes = [], []
+  for i, name in enumerate(names):
+    cv2.imwrite(str(folder / "images" / name), phantoms[i]["image"])
+    rows.append(f"{name},{'Mass' if i in BOXED else 'No Finding'},{i % 2},{i // 2 + 1},50,M,PA,"
+                f"1024,1024,0.14,0.14")
+    if i in BOXED:
+      boxes.append(f"{name},Mass,100,200,300,250")
+  (folder / "Data_Entry_2017_v2020.csv").write_text("\n".join([NIH_HEADER, *rows]) + "\n")
+  (folder / "BBox_List_2017.csv").write_text(
+      "\n".join(["Image Index,Finding Label,Bbox [x,y,w,h],,,", *boxes]) + "\n")
+  (folder / "test_list.txt").write_text("\n".join(names[:4]) + "\n")
+  (folder / "train_val_list.txt").write_text("\n".join(names[4:]) + "\n")
+  return names
+
+
+def prepare_fake_nih(tmp_path, *flags):
+  argv = ["--dataset=nih", f"--manual_dir={tmp_path / 'nih'}", f"--data_dir={tmp_path / 'out'}",
+          f"--image_size={SIZE}", "--workers=1", "--no_progress", *flags]
+  folder = prepare_cli.main(argv)
+  with open(os.path.join(folder, layout.REPORT_FILE)) as f:
+    return folder, json.load(f)
+
+
+def test_only_present_names_every_missing_boxed_image(tmp_path, capsys):
+  names = fake_nih_tree(tmp_path / "nih")
+  for i in (2, 3, 5):                        # two boxed images and one without boxes deleted
+    os.remove(tmp_path / "nih" / "images" / names[i])
+  folder, report = prepare_fake_nih(tmp_path, "--only_present")
+  out = capsys.readouterr().out
+  assert (f"2 images with boxes or gaze are missing or unreadable and left out: {names[2]}, "
+          f"{names[5]}") in out
+  assert f"3  {nih.SKIPPED_BY_ONLY_PRESENT}: {names[2]}, {names[3]}, {names[5]}" in out
+  assert [(e["image"], e["annotations"]) for e in report["annotated_missing"]] == [
+      (names[2], ["boxes"]), (names[5], ["boxes"])]
+  assert report["counts"] == {nih.SKIPPED_BY_ONLY_PRESENT: 3}
+  assert sorted(prepared.PreparedSource(folder).image_ids) == sorted(
+      n for i, n in enumerate(names) if i not in (2, 3, 5))
+  # The list is not capped like the filtered entries.
+  _, problems, _ = shards.read_records("nih", str(tmp_path / "nih"), only_present=True)
+  problems.write(str(tmp_path / "capped.json"), max_filtered_listed=1)
+  capped = json.loads((tmp_path / "capped.json").read_text())
+  assert len(capped["entries"]) == 1 and len(capped["annotated_missing"]) == 2
+
+
+def test_skip_bad_prints_what_it_skipped(tmp_path, capsys):
+  names = fake_nih_tree(tmp_path / "nih")
+  os.remove(tmp_path / "nih" / "images" / names[2])                 # missing, boxed
+  (tmp_path / "nih" / "images" / names[5]).write_bytes(b"not a png")  # unreadable, boxed
+  (tmp_path / "nih" / "images" / names[6]).write_bytes(b"not a png")  # unreadable, no box
+  with pytest.raises(records_lib.BadInput, match=rf"line 4: {names[2]}: image not found"):
+    prepare_fake_nih(tmp_path)
+  _, report = prepare_fake_nih(tmp_path, "--skip_bad")
+  out = capsys.readouterr().out
+  assert f"1  {nih.NOT_FOUND}: {names[2]}" in out
+  assert f"skipped 2 images while encoding (--skip_bad): {names[5]}, {names[6]}" in out
+  assert f"1 of the skipped images had boxes or gaze: {names[5]}" in out
+  assert report["bad_count"] == 3
+  assert {e["image"] for e in report["entries"]} == {names[2], names[5], names[6]}
+  assert [e["image"] for e in report["annotated_missing"]] == [names[2], names[5]]
+
+
+def test_index_and_report_are_readable_by_others(tmp_path):
+  fake_nih_tree(tmp_path / "nih")
+  folder, _ = prepare_fake_nih(tmp_path)
+  for name in (layout.INDEX_FILE, layout.REPORT_FILE):
+    assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o644, name

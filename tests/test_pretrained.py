@@ -15,6 +15,7 @@ from cxr_jax.methods.baseline import Baseline
 from cxr_jax.models import pretrained
 from cxr_jax.models.backbones import get_backbone
 from cxr_jax.train import parallel, trainer
+from cxr_jax.train import step as train_step
 
 SIZE = 64
 
@@ -266,7 +267,7 @@ def test_trainer_init_from_loads_backbone_keeps_fresh_head(tmp_path):
   method = _FrozenBackboneBaseline()
   config = w.tiny_config(steps=1)
   stage = method.stages(config)[0]
-  fresh, fresh_stats = trainer.init_variables(method.model(config), stage, config, jax.random.key(0))
+  fresh, fresh_stats = train_step.init_variables(method.model(config), stage, config, jax.random.key(0))
   rng = np.random.default_rng(0)
   converted = {"params": jax.tree.map(lambda a: rng.normal(size=a.shape).astype(np.float32), fresh["backbone"]),
                "batch_stats": jax.tree.map(lambda a: rng.uniform(0.5, 2, size=a.shape).astype(np.float32),

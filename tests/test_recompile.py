@@ -13,9 +13,10 @@ import pytest
 
 from configs import baseline as baseline_config
 from cxr_jax.evaluation import evaluator
-from cxr_jax.methods.base import Stage
+from cxr_jax.train.stage import Stage
 from cxr_jax.methods.baseline import Baseline, classification_loss
 from cxr_jax.train import optim, parallel, trainer
+from cxr_jax.train import step as train_step
 from cxr_jax.train.state import TrainState
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -58,8 +59,8 @@ def test_trainer_step_compiles_once_over_20_steps(tmp_path):
   config = tiny_config(train_steps=20, eval_every=0, log_every=5, checkpoint_every=100)
   evaluate = lambda *args, **kwargs: {"classification": {"auroc": {"mean": 0.5}}}
   with compiled_functions() as names:
-    trainer.train_and_evaluate(config, str(tmp_path), evaluate=evaluate)
-  # trainer.accumulate's jitted function is named 'step'; nothing else the trainer jits is.
+    trainer.train_and_evaluate(config, str(tmp_path), method=Baseline(), evaluate=evaluate)
+  # train_step.accumulate's jitted function is named 'step'; nothing else the trainer jits is.
   assert names.count("jit(step)") == 1, names
 
 
@@ -71,7 +72,7 @@ def test_evaluator_compiles_once_including_the_padded_last_batch():
     config.cam = "gradcam"
   method = Baseline()
   model = method.model(config)
-  params, batch_stats = trainer.init_variables(model, method.stages(config)[0], config,
+  params, batch_stats = train_step.init_variables(model, method.stages(config)[0], config,
                                                jax.random.key(0))
   with compiled_functions() as names:
     payload = evaluator.evaluate(method, model, {"params": params, "batch_stats": batch_stats},
@@ -88,14 +89,14 @@ def test_evaluator_compiles_once_including_the_padded_last_batch():
 def _stage_step(config, stage):
   method = Baseline()
   model = method.model(config)
-  params, batch_stats = trainer.init_variables(model, stage, config, jax.random.key(0))
+  params, batch_stats = train_step.init_variables(model, stage, config, jax.random.key(0))
   labels = optim.param_labels(params, stage.trainable, stage=stage.name)
   bs_labels = optim.batch_stats_labels(batch_stats, labels, stage.trainable)
   tx = optim.make_optimizer(stage.optimizer, params, stage.trainable, stage.steps, stage=stage.name)
   state = TrainState(step=jnp.int32(0), params=params, batch_stats=batch_stats,
                      opt_state=tx.init(params), extras={},
                      rng=np.asarray(jax.random.key_data(jax.random.key(1))))
-  return trainer.make_train_step(model, stage, tx, labels, bs_labels), state
+  return train_step.make_train_step(model, stage, tx, labels, bs_labels), state
 
 
 def _batch(config, seed):

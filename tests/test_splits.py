@@ -177,3 +177,56 @@ def test_official_lists_are_patient_disjoint(entries, nih_sample_dir):
   assert not ({patient_of[n] for n in lists["train_val_list"]}
               & {patient_of[n] for n in lists["test_list"]})
   splits.assert_patient_disjoint(parts, patients)
+
+
+@pytest.mark.parametrize("policy", ["random", "official"])
+def test_split_policy_on_the_full_nih_layout(entries, nih_sample_dir, policy):
+  """data.split_policy on the full NIH metadata with its official test list: 'random' (Ge 2018)
+  splits every image by patient 70/10/20 and ignores the list; 'official' tests on the list."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  images, patients = entries
+  test_list = set((nih_sample_dir / "test_list.txt").read_text().split())
+  official = np.array(["test" if name in test_list else "train" for name in images])
+  data = common.base_config("dataset=nih").data
+  assert data.split_policy == "official"
+  data.split_policy = policy
+  parts = splits.split_indices(patients, official, np.zeros(len(images), bool), data)
+  assert_partition(list(parts.values()), len(images))
+  splits.assert_patient_disjoint(parts, patients)
+  in_list = official[parts["test"]] == "test"
+  if policy == "official":
+    np.testing.assert_array_equal(parts["test"], np.flatnonzero(official == "test"))
+    return
+  num_patients = len(set(patients))
+  for name, fraction in FRACTIONS.items():
+    share = len(patient_sets(parts, patients)[name]) / num_patients
+    assert abs(share - fraction) < 1e-3, (name, share)
+    assert abs(len(parts[name]) / len(images) - fraction) < 0.02, name
+  # The official list plays no part: test holds about 20 % of the listed and unlisted images.
+  assert 0.1 < in_list.mean() < 0.4 and 0.1 < (official[parts["train"]] == "test").mean() < 0.4
+  data.split_policy = "by_hospital"
+  with pytest.raises(ValueError, match="data.split_policy 'by_hospital'"):
+    splits.split_indices(patients, official, np.zeros(len(images), bool), data)
+
+
+def test_no_official_train_warning_is_logged_once_and_says_what_cv_does(caplog, monkeypatch):
+  """The NIH sample (every image in the official test list) is split at every make_source: its
+  warning is logged once per process, and under cross-validation it describes the folds."""
+  from configs import common  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(splits, "_warned", set())
+  ids = np.repeat(np.arange(50).astype(str), 2)
+  data = common.base_config("dataset=nih").data
+  caplog.set_level("WARNING")
+  for _ in range(3):
+    splits.split_indices(ids, np.full(len(ids), "test"), np.ones(len(ids), bool), data)
+  with data.unlocked():
+    data.cv.num_folds, data.cv.fold = 5, 2
+  for _ in range(3):
+    splits.split_indices(ids, np.full(len(ids), "test"), np.ones(len(ids), bool), data)
+  messages = [r.getMessage() for r in caplog.records if "official train split" in r.getMessage()]
+  assert messages == [
+      "no image of the official train split is present (100 images): all are split by patient "
+      "(data.val_fraction=0.1, data.test_fraction=0.2, the rest 'train')",
+      "no image of the official train split is present (100 images): 'val' is a patient-level "
+      "data.val_fraction=0.1 of them; 'train' / 'test' are fold 2 of data.cv's 5 over the other "
+      "patients' boxed images"]

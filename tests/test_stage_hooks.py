@@ -1,4 +1,4 @@
-"""Stage.prepare, DataSpec.views / overrides, and data.cv cross-validation folds."""
+"""Stage.hooks.prepare, DataSpec.views / overrides, and data.cv cross-validation folds."""
 
 import functools
 
@@ -10,9 +10,10 @@ import _trainer_worker as w
 from configs import common
 from cxr_jax.data import pipeline, splits
 from cxr_jax.data.sources import synthetic
-from cxr_jax.methods.base import DataSpec, Stage
+from cxr_jax.train.stage import DataSpec, Hooks, Stage
 from cxr_jax.methods.baseline import classification_loss
 from cxr_jax.train import parallel, trainer
+from cxr_jax.train import step as train_step
 
 
 def _phantom_config(**cv):
@@ -88,13 +89,13 @@ def test_stage_data_overrides_replace_only_that_stages_data():
   before = (c.data.synthetic.seed, c.data.image_size)
   stage = Stage(name="s", loss=None, steps=1, optimizer=c.optimizer,
                 data=DataSpec(overrides={"synthetic.seed": 7, "image_size": 48}))
-  data = trainer.stage_data_config(c.data, stage)
+  data = train_step.stage_data_config(c.data, stage)
   assert (data.synthetic.seed, data.image_size) == (7, 48) != before
   assert (c.data.synthetic.seed, c.data.image_size) == before
   bad = Stage(name="s", loss=None, steps=1, optimizer=c.optimizer,
               data=DataSpec(overrides={"synthetic.sed": 7}))
   with pytest.raises(KeyError, match="synthetic.sed"):
-    trainer.stage_data_config(c.data, bad)
+    train_step.stage_data_config(c.data, bad)
 
 
 class PreparedTwoStages(w.TinyBaseline):
@@ -115,7 +116,7 @@ class PreparedTwoStages(w.TinyBaseline):
     loss = functools.partial(classification_loss, "weighted_bce")
     return [Stage(name="base", loss=loss, steps=4, optimizer=config.optimizer),
             Stage(name="second", loss=loss, steps=4, optimizer=config.optimizer,
-                  trainable=(r"backbone/.*",), prepare=self._prepare,
+                  trainable=(r"backbone/.*",), hooks=Hooks(prepare=self._prepare),
                   data=DataSpec(views=({"affine": 1.0},), overrides={"synthetic.seed": 3}))]
 
 

@@ -18,9 +18,11 @@ import pytest
 
 import _trainer_worker as w
 from cxr_jax.methods import get_method
-from cxr_jax.methods.base import Stage
-from cxr_jax.methods.baseline import Baseline, Classifier, classification_loss
+from cxr_jax.train.stage import Stage, Validation
+from cxr_jax.methods.baseline import Baseline, classification_loss
+from cxr_jax.models.classifier import Classifier
 from cxr_jax.train import optim, parallel, trainer
+from cxr_jax.train import step as train_step
 from cxr_jax.train.checkpoint import RunCheckpoints
 
 WORKER = pathlib.Path(__file__).with_name("_trainer_worker.py")
@@ -82,26 +84,80 @@ class NanAfter(w.TinyBaseline):
     return [Stage(name="pretrain", loss=_nan_from(7), steps=12, optimizer=config.optimizer)]
 
 
-def test_nan_loss_stops_with_step_and_stage_and_keeps_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_stage_and_keeps_checkpoint(tmp_path, caplog):
   config = w.tiny_config(steps=12)  # checkpoint at step 5, log every 4: NaN at 7 is seen at 8
-  with pytest.raises(FloatingPointError, match=r"step 7 \(stage 'pretrain'"):
+  with pytest.raises(FloatingPointError, match=r"step 7 \(stage 'pretrain', its step 7\); the "
+                     r"last checkpoint before it, step 5, is kept in .*/checkpoints$"):
     _train(tmp_path, config, method=NanAfter())
   ckpt = RunCheckpoints(str(tmp_path), keep=2)
-  step, meta = ckpt.latest_meta()
-  assert step == 5 and meta["stage_name"] == "pretrain" and meta["stage_step"] == 5
+  step, meta = ckpt.latest_progress()
+  assert step == 5 and meta.stage_name == "pretrain" and meta.stage_step == 5
   like = _train_state_like(config)
+  caplog.set_level("WARNING")
   state = ckpt.restore(step, like)
+  assert int(ckpt.restore_replicated(step, like.step.sharding)["step"]) == 5
   ckpt.close()
   assert int(state.step) == 5
+  assert not [r for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
   for leaf in jax.tree.leaves(state.params):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def _latest_step(workdir):
+  checkpoints = RunCheckpoints(str(workdir), keep=2)
+  try:
+    return checkpoints.latest.latest_step()
+  finally:
+    checkpoints.close()
+
+
+def test_nan_loss_before_any_checkpoint_says_there_is_none(tmp_path):
+  config = w.tiny_config(steps=12, checkpoint_every=100)
+  with pytest.raises(FloatingPointError, match=r"step 7 .*; no checkpoint was written before it"):
+    _train(tmp_path, config, method=NanAfter())
+  assert _latest_step(tmp_path) is None
+
+
+def _blow_up_from(step):
+  def loss(ctx, params, batch, rng):
+    value, aux = classification_loss("bce", ctx, params, batch, rng)
+    return jnp.where(ctx.step + 1 >= step, 1e6 * value, value), aux
+  return loss
+
+
+class BlowUpAfter(w.TinyBaseline):
+  def stages(self, config):
+    return [Stage(name="pretrain", loss=_blow_up_from(7), steps=12, optimizer=config.optimizer)]
+
+
+def test_divergence_stops_after_the_last_checkpoint_and_says_which(tmp_path):
+  config = w.tiny_config(steps=12)  # checkpoint at step 5, log every 4: the loss x1e6 from 7
+  with pytest.raises(trainer.progress.Diverged,
+                     match=r"training diverged at step 8 \(stage 'pretrain', its step 8\): mean "
+                           r"loss .* above divergence.factor=100 x .*; the last checkpoint "
+                           r"before it, step 5, is kept in .*/checkpoints\."):
+    _train(tmp_path, config, method=BlowUpAfter())
+  assert _latest_step(tmp_path) == 5
+  assert not (tmp_path / "eval").exists()
+  off = w.tiny_config(steps=12, **{"divergence.factor": 0.0})
+  _train(tmp_path / "off", off, method=BlowUpAfter())  # factor 0: no guard
+  assert (tmp_path / "off" / "eval" / "test.json").exists()
+
+
+def test_a_huge_learning_rate_stops_the_run_with_no_checkpoint(tmp_path):
+  config = w.tiny_config(steps=12, checkpoint_every=100, **{"optimizer.learning_rate": 1e6})
+  with pytest.raises(trainer.progress.Diverged,
+                     match=r"above divergence.factor=100 x .*; no checkpoint was written before "
+                           r"it, so there is none to resume from\."):
+    _train(tmp_path, config)
+  assert not (tmp_path / "eval").exists()
 
 
 def _train_state_like(config):
   from cxr_jax.train.state import TrainState
   method = NanAfter()
   stage = method.stages(config)[0]
-  params, stats = trainer.init_variables(method.model(config), stage, config, jax.random.key(0))
+  params, stats = train_step.init_variables(method.model(config), stage, config, jax.random.key(0))
   tx = optim.make_optimizer(stage.optimizer, params, stage.trainable, stage.steps)
   state = TrainState(step=jnp.int32(0), params=params, batch_stats=stats, opt_state=tx.init(params),
                      extras={}, rng=jax.random.key_data(jax.random.key(0)))
@@ -118,7 +174,8 @@ class TwoHeads(w.TinyBaseline):
     loss = functools.partial(classification_loss, "weighted_bce")
     return [Stage(name="base", loss=loss, steps=5, optimizer=config.optimizer),
             Stage(name="second_head", loss=loss, steps=5, optimizer=config.optimizer,
-                  trainable=(r"head2/.*",), apply_kwargs={"second": True}, eval_every=5)]
+                  trainable=(r"head2/.*",), apply_kwargs={"second": True},
+                  validation=Validation(every=5))]
 
 
 class TwoHeadModel(Classifier):
@@ -144,7 +201,7 @@ def test_two_stages_carry_params_and_freeze(tmp_path):
   assert "head2/kernel" in final and "head/kernel" in final
   # The end of stage 'base' is the checkpoint at step 5 (its structure: no head2, base optimizer).
   ckpt = RunCheckpoints(str(tmp_path), keep=2)
-  assert ckpt.latest_meta()[1]["stage_name"] == "second_head"
+  assert ckpt.latest_progress()[1].stage_name == "second_head"
   config = w.tiny_config()
   stage = TwoHeads().stages(config)[0]
   params = {k: v for k, v in state.params.items() if k != "head2"}
@@ -178,7 +235,7 @@ class PlateauOnTrainingLoss(w.TinyBaseline):
     opt = ml_collections.ConfigDict(dict(config.optimizer.to_dict(), schedule="plateau",
                                          plateau_patience=2, decay_rate=0.1))
     return [Stage(name="finetune", loss=_loss_from_table, steps=len(STEP_LOSSES), optimizer=opt,
-                  eval_every=3, plateau_signal=self.signal)]
+                  validation=Validation(every=3, plateau_signal=self.signal))]
 
 
 def _plateau_state(state):
@@ -212,12 +269,12 @@ def test_init_compiled_with_the_cpu_options_matches_xla_defaults():
   """``init_variables`` compiles at XLA:CPU optimization level 0 (``INIT_COMPILER_OPTIONS``):
   same random bits, same initializers, so the params and batch_stats equal those of
   ``jax.jit(model.init)`` under XLA's default options up to float rounding."""
-  assert trainer.INIT_COMPILER_OPTIONS["cpu"] == {"xla_backend_optimization_level": 0}
+  assert train_step.INIT_COMPILER_OPTIONS["cpu"] == {"xla_backend_optimization_level": 0}
   config = w.tiny_config()
   method = w.TinyBaseline()
   model = method.model(config)
   rng = jax.random.key(3)
-  got = trainer.init_variables(model, method.stages(config)[0], config, rng)
+  got = train_step.init_variables(model, method.stages(config)[0], config, rng)
   zeros = jnp.zeros((1, config.data.image_size, config.data.image_size, config.data.channels))
   reference = jax.jit(lambda r: model.init({"params": r, "dropout": r}, zeros, train=False))(rng)
   want = (reference["params"], reference.get("batch_stats", {}))
@@ -234,7 +291,7 @@ def test_baseline_cam_averages_to_logits_and_registry():
   config = w.tiny_config()
   method = w.TinyBaseline()
   model = method.model(config)
-  params, stats = trainer.init_variables(model, method.stages(config)[0], config, jax.random.key(0))
+  params, stats = train_step.init_variables(model, method.stages(config)[0], config, jax.random.key(0))
   variables = {"params": params, "batch_stats": stats}
   images = jnp.asarray(w.SPLITS["val"]["image"][:4])
   out = method.predict(model, variables, {"image": images})
@@ -254,7 +311,7 @@ def test_baseline_end_to_end_with_real_pipeline_and_evaluator(tmp_path):
   with config.unlocked():
     config.train_steps, config.eval_every, config.checkpoint_every, config.log_every = 4, 4, 2, 2
     config.data.synthetic.num_train, config.data.synthetic.num_val, config.data.synthetic.num_test = 64, 32, 32
-  state = trainer.train_and_evaluate(config, str(tmp_path))
+  state = trainer.train_and_evaluate(config, str(tmp_path), method=get_method(config.method))
   assert int(state.step) == 4
   for split in ("val", "test"):
     payload = json.loads((tmp_path / "eval" / f"{split}.json").read_text())

@@ -1,5 +1,6 @@
 """van Sonsbeek 2023 (VKD): KL, reparameterisation, stage losses, freezing through the trainer."""
 
+import functools
 import json
 import os
 
@@ -13,12 +14,14 @@ from flax import traverse_util
 import _trainer_worker as w
 from configs import vkd as vkd_config
 from cxr_jax import losses
+from cxr_jax.evaluation import cam_shift, evaluators
 from cxr_jax.methods import get_method
 from cxr_jax.methods import vkd
-from cxr_jax.methods.base import LossContext
+from cxr_jax.train.stage import LossContext
 from cxr_jax.models import pretrained
 from cxr_jax.models.vkd import VKDModel, reparameterize
-from cxr_jax.train import optim, trainer
+from cxr_jax.train import optim, parallel, trainer
+from cxr_jax.train.checkpoint import RunCheckpoints
 
 
 def numpy_kl(mu_q, logvar_q, mu_p, logvar_p):
@@ -116,6 +119,15 @@ def _batch(config, n=4, seed=0):
           "box_map": jnp.asarray(rng.uniform(size=(n, s, s, 1)) > 0.7, jnp.float32)}
 
 
+def best_variables(workdir, stage):
+  """{'params', 'batch_stats'} of WORKDIR/best/<stage> (the trainer's ``stage_variables``)."""
+  checkpoints = RunCheckpoints(str(workdir), 1)
+  try:
+    return checkpoints.best_variables(stage)
+  finally:
+    checkpoints.close()
+
+
 def _prior_grad_norm(grads):
   flat = traverse_util.flatten_dict(grads, sep="/")
   return sum(float(jnp.sum(jnp.square(g))) for k, g in flat.items() if k.startswith("prior_"))
@@ -189,7 +201,7 @@ def test_frozen_leaves_stay_bit_identical_through_stage_two(tmp_path):
     return {"classification": {"auroc": {"mean": 0.5}, "f1": {"mean": 0.1}}}
 
   final = trainer.train_and_evaluate(config, str(tmp_path), method=TinyVKD(), evaluate=evaluate)
-  base = vkd.load_stage_variables(str(tmp_path), "base")
+  base = best_variables(tmp_path, "base")
   flat = lambda tree: {k: np.asarray(v) for k, v in
                        traverse_util.flatten_dict(jax.device_get(tree), sep="/").items()}
   before, after = flat(base["params"]), flat(final.params)
@@ -206,16 +218,24 @@ def test_frozen_leaves_stay_bit_identical_through_stage_two(tmp_path):
     assert same == path.startswith("encoder/"), path   # the prior encoder's BN trains in stage 2
   assert ("base", "val") in calls and ("prior", "val") in calls
 
-  # The trainer ran VKD.after_training: the Eq. 5 report on the annotated test
-  # images of the two stages' best states, each stage also evaluated on 'test'.
-  with open(tmp_path / "eval" / "vkd_cam.json") as f:
-    written = json.load(f)
+  # The trainer ran the config's 'cam_shift' evaluator: the Eq. 5 report on the annotated
+  # test images of the two stages' best states, each stage also evaluated on 'test'.
+  with open(tmp_path / "eval" / "test.json") as f:
+    written = json.load(f)["cam_shift"]
   assert ("base", "test") in calls and ("prior", "test") in calls
-  result = vkd.cam_shift_report(config, str(tmp_path), method=TinyVKD(), evaluate=evaluate)
+  method = TinyVKD()
+  ctx = evaluators.EvalContext(
+      config=config, workdir=None, method=method, model=method.model(config),
+      mesh=parallel.make_mesh(), make_iterator=evaluators.default_make_iterator,
+      evaluate=evaluate, stage_variables=functools.partial(best_variables, tmp_path))
+  (declared,) = [d for d in evaluators.build_evals(ctx) if d.name == "cam_shift"]
+  assert isinstance(declared.evaluator, cam_shift.CamShiftEval) and declared.when == ("end", None)
+  result = declared.evaluator.run(None, stage="prior")["test"]
   assert written == json.loads(json.dumps(result))
-  assert result["num_images"] > 0 and np.isfinite([result["delta_mse"], result["delta_dice"]]).all()
+  assert result["num_images"] > 0
+  assert np.isfinite([result["delta_mse"]["mean"], result["delta_dice"]["mean"]]).all()
   for metric in ("mse", "dice"):   # the interval itself: tests/test_localization.py
-    low, high = result[f"delta_{metric}_ci95"]
+    low, high = result[f"delta_{metric}"]["ci95"]
     assert np.isfinite([low, high]).all() and low <= high
 
 
@@ -254,8 +274,8 @@ def test_positive_class_cams_match_a_reference_grad_cam():
   labels[0, [1, 4]] = 1
   labels[1, 7] = 1                                       # image 2: no positive label -> zeros
   features_fn, head_fn = method.cam_target(model, variables)
-  got = np.asarray(vkd.positive_class_cams(features_fn, head_fn, batch["image"], jnp.asarray(labels),
-                                           relu=False))
+  got = np.asarray(cam_shift.positive_class_cams(features_fn, head_fn, batch["image"],
+                                                 jnp.asarray(labels), relu=False))
   features = np.asarray(features_fn(batch["image"]), np.float64)
   size = config.data.image_size
   for n in range(3):
@@ -309,7 +329,7 @@ def test_real_data_presets():
   assert base.data.overrides == {} and base.data.split == "train"
   assert prior.data.overrides == {"name": "egd"} and prior.data.split == "train"
   assert prior.data.maps == ("gaze_map",)
-  assert vkd.stage2_data_config(mimic).name == "egd" and mimic.data.name == "mimic"
+  assert cam_shift.stage2_data_config(mimic).name == "egd" and mimic.data.name == "mimic"
   with pytest.raises(ValueError, match="provides"):
     vkd_config.get_config("dataset=mimic,subset=egd,annotation=boxes")
   two_gaze = vkd_config.get_config("dataset=mimic,subset=egd+reflacx,annotation=gaze")
@@ -339,7 +359,7 @@ def test_real_data_presets():
     vkd_config.get_config("subset=reflacx")
   synthetic = vkd_config.get_config("runlocal")
   assert vkd.VKD().stages(synthetic)[1].data.overrides == {}
-  assert vkd.stage2_data_config(synthetic) is synthetic.data
+  assert cam_shift.stage2_data_config(synthetic) is synthetic.data
 
 
 def test_stage_two_flops_relative_to_stage_one():

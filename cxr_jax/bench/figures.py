@@ -7,19 +7,19 @@ spec keys shared by the figures (``suites.Figure`` fills defaults):
   batch       global batch size
   warmup, repeats, steps   timing (``timing.time_steps``)
 
-Train-step figures time the product's step: ``trainer.make_train_step`` of the
-method's stage, wrapped in ``trainer.accumulate`` and jitted with donated state
-exactly as ``trainer._Run.run_stage`` does, on two real batches from the
+Train-step figures time the product's step: ``cxr_jax.train.step.make_train_step`` of the
+method's stage, wrapped in ``cxr_jax.train.step.accumulate`` and jitted with donated state
+exactly as ``cxr_jax.train.trainer`` does, on two real batches from the
 method's own input pipeline (alternated, so the data varies), compute only.
+
+The input-pipeline figures are in ``input_figures``, the PyTorch ones in
+``torch_ref``; ``worker.run`` runs any of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
-import resource
-import sys
 import tempfile
 import time
 from typing import Any, Callable, NamedTuple
@@ -29,26 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxr_jax.bench import machine, memory, timing
+from cxr_jax.bench.configs import load_config
 
 MB = memory.MB
-
-
-def load_config(config_root: str, name: str, arg: str = "", overrides: dict | None = None):
-  """configs/<name>.py:get_config(arg) from ``config_root`` with dotted ``overrides`` applied."""
-  if config_root not in sys.path:
-    sys.path.insert(0, config_root)
-  module = importlib.import_module(f"configs.{name}")
-  config = module.get_config(arg or None)
-  with config.unlocked():
-    for key, value in (overrides or {}).items():
-      *parents, leaf = key.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      if leaf not in node:
-        raise KeyError(f"bench override {key!r}: configs/{name}.py has no such field")
-      node[leaf] = value
-  return config
 
 
 def _stage(stages, name: str | None):
@@ -107,7 +90,8 @@ def build_train_step(spec: dict, config_root: str) -> StepBuild:
   """
   from cxr_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
-  from cxr_jax.train import optim, parallel, trainer  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import optim, parallel  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   from cxr_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
 
   config = load_config(config_root, spec["config"], spec.get("arg", ""), spec.get("overrides"))
@@ -120,8 +104,8 @@ def build_train_step(spec: dict, config_root: str) -> StepBuild:
   batch_size = spec.get("batch") or stage.batch_size or config.batch_size
   devices = jax.devices()[:spec.get("devices") or jax.device_count()]
   mesh = parallel.make_mesh(devices)
-  params, batch_stats = trainer.init_variables(model, stage, config, jax.random.key(0))
-  extras = stage.init_extras(params, {}) if stage.init_extras is not None else {}
+  params, batch_stats = step_lib.init_variables(model, stage, config, jax.random.key(0))
+  extras = stage.hooks.init_extras(params, {}) if stage.hooks.init_extras is not None else {}
   labels = optim.param_labels(params, stage.trainable, stage=stage.name)
   bs_labels = optim.batch_stats_labels(batch_stats, labels, stage.trainable)
   tx = optim.make_optimizer(stage.optimizer, params, stage.trainable, stage.steps, stage=stage.name)
@@ -144,13 +128,13 @@ def build_train_step(spec: dict, config_root: str) -> StepBuild:
   finally:
     iterator.close()
 
-  step_fn = trainer.make_train_step(model, stage, tx, labels, bs_labels)
+  step_fn = step_lib.make_train_step(model, stage, tx, labels, bs_labels)
   state_shape = jax.eval_shape(make_state)
   state_sh = parallel.tree_shardings(state_shape, mesh, fsdp)
-  zeros = trainer.zero_accumulator(jax.eval_shape(step_fn, state_shape, batches[0])[1])
-  train_step = trainer.jit_train_step(step_fn, state_sh, mesh)
+  zeros = step_lib.zero_accumulator(jax.eval_shape(step_fn, state_shape, batches[0])[1])
+  train_step = step_lib.jit_train_step(step_fn, state_sh, mesh)
   make_acc = lambda: jax.device_put(zeros, parallel.replicated(mesh))
-  flops = host_flops(trainer.accumulate(step_fn), state_shape, zeros, batches[0])
+  flops = host_flops(step_lib.accumulate(step_fn), state_shape, zeros, batches[0])
   return StepBuild(train_step, make_state, make_acc, batches, stage, config, batch_size, flops)
 
 
@@ -233,48 +217,25 @@ def train_step(spec: dict, config_root: str) -> dict:
 # --------------------------------------------------------------------------- Grad-CAM eval
 
 
-def torch_model(backbone: str, num_classes: int, channels: int, seed: int = 0):
-  """The torchvision ``backbone`` with ``channels`` input channels and a GAP + Linear(K) head,
-  seeded: the same weights in every process. None without torch."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-    import torchvision  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  torch.manual_seed(seed)
-  model = getattr(torchvision.models, backbone)(num_classes=num_classes)
-  first = {"resnet": ("conv1",), "densenet": ("features", "conv0"), "vgg": ("features", "0")}
-  family = next(f for f in first if backbone.startswith(f))
-  parent = model
-  for name in first[family][:-1]:
-    parent = getattr(parent, name)
-  old = getattr(parent, first[family][-1])
-  setattr(parent, first[family][-1], torch.nn.Conv2d(
-      channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None))
-  if family == "vgg":  # GAP + Linear, like our backbone + head (torchvision: 7x7 pool + 3 FC)
-    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
-    model.classifier = torch.nn.Linear(512, num_classes)
-  return model.eval()
-
-
 def gradcam(spec: dict, config_root: str) -> dict:
   """Jitted all-class Grad-CAM (``cam.class_heatmaps('gradcam', ..., image_size=True)``, the maps
   pytorch-grad-cam returns: upsampled, min-max normalized) of the baseline, maps fetched to the
   host; images/s. Weights: the seeded torchvision model converted (``pretrained``), as the
   PyTorch figure uses, or a random init without torch."""
   from cxr_jax import cam  # pylint: disable=import-outside-toplevel
+  from cxr_jax.bench import torch_ref  # pylint: disable=import-outside-toplevel
   from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
   from cxr_jax.models import pretrained  # pylint: disable=import-outside-toplevel
-  from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
 
   config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
                        spec.get("overrides"))
   method = get_method(config.method)
   model = method.model(config)
   stage = method.stages(config)[0]
-  params, batch_stats = trainer.init_variables(model, stage, config, jax.random.key(0))
+  params, batch_stats = step_lib.init_variables(model, stage, config, jax.random.key(0))
   k, channels = params["head"]["bias"].shape[0], config.data.channels
-  reference = torch_model(config.model.backbone, k, channels)
+  reference = torch_ref.torch_model(config.model.backbone, k, channels)
   weights = "random init (no torch)"
   if reference is not None:
     converted = pretrained.convert_torchvision(config.model.backbone, reference.state_dict(),
@@ -302,126 +263,6 @@ def gradcam(spec: dict, config_root: str) -> dict:
           "batch": batch, "classes": k, "image_size": size, "weights": weights}
 
 
-# --------------------------------------------------------------------------- input pipeline
-
-
-def _data_config(spec: dict, config_root: str):
-  """The config of a pipeline spec with ``workers`` Grain workers (prepared shards: an arg
-  'dataset=nih,...' and the override 'data.data_dir')."""
-  config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
-                       spec.get("overrides"))
-  with config.unlocked():
-    config.data.worker_count = spec.get("workers", 0)
-  return config
-
-
-def _cpu_seconds() -> float:
-  """User + system CPU seconds of this process (all its threads, not its worker processes)."""
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
-
-
-def startup_batches(data_config) -> int:
-  """Batches that can be ready before the timing starts: up to 3 per Grain worker (one being
-  handed over in shared memory, one in grain's per-worker read-ahead, one finished and
-  waiting) and ``data.prefetch`` on the devices. Timed after these are drained, a figure
-  measures the rate the workers sustain, not a startup buffer."""
-  return 3 * data_config.worker_count + data_config.prefetch
-
-
-def pipeline(spec: dict, config_root: str) -> dict:
-  """Images/s the training iterator delivers (augmented, on the devices), ``workers`` Grain
-  worker processes; from synthetic phantoms or ``data_dir`` shards. main_cpu_ms_per_img: CPU
-  time of the consuming process per image: with workers, 1 / it bounds the images/s that any
-  number of workers can deliver."""
-  from cxr_jax.data import pipeline as pipe  # pylint: disable=import-outside-toplevel
-  from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
-  config = _data_config(spec, config_root)
-  mesh = parallel.make_mesh()
-  batch = spec["batch"]
-  iterator = pipe.make_iterator(config.data, "train", batch_size=batch,
-                                sharding=parallel.data_sharding(mesh), seed=0, shuffle=True,
-                                num_epochs=None, drop_remainder=True)
-  # Rounds of >= 3 startup buffers: workers deliver in bursts (each a few batches at once),
-  # which a short round can fall inside.
-  buffered = startup_batches(config.data)
-  warmup = max(spec.get("warmup", 2), buffered)
-  steps = max(spec.get("steps", 5), 3 * buffered)
-  try:
-    next(iterator)
-    cpu_start = _cpu_seconds()
-    t = timing.time_steps(lambda i: next(iterator)["image"], jax.block_until_ready,
-                          warmup=warmup, repeats=spec.get("repeats", 3), steps=steps)
-    cpu = _cpu_seconds() - cpu_start
-  finally:
-    iterator.close()
-  batches_taken = warmup + spec.get("repeats", 3) * steps
-  return {"img_per_s": batch / t["step_s"], "step_ms": 1e3 * t["step_s"], "batch": batch,
-          "main_cpu_ms_per_img": 1e3 * cpu / (batches_taken * batch),
-          "workers": spec.get("workers", 0), "image_size": config.data.image_size,
-          "source": config.data.get("data_dir") or "synthetic phantoms"}
-
-
-def input_idle(spec: dict, config_root: str) -> dict:
-  """Whether the train step waits on input: the step's compute-only time on fixed batches
-  (``t_c``) vs the same step fed by the iterator (``t_f`` per step).
-
-  idle_fraction = max(0, 1 - t_c / t_f): the share of the fed loop's wall time the device
-  would have been idle. next_wait_fraction: the share spent inside ``next(iterator)``.
-  The fed loop is timed over >= 10 x ``startup_batches`` steps, so the batches buffered
-  when it starts shorten t_f by at most ~10 % of a starved loop's time.
-  """
-  from cxr_jax.data import pipeline as pipe  # pylint: disable=import-outside-toplevel
-  from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
-  step, make_state, make_acc, batches, _, config, batch_size, _ = build_train_step(spec, config_root)
-  state, acc = make_state(), make_acc()
-  compiled = step.lower(state, acc, batches[0]).compile()
-  holder = {"state": state, "acc": acc}
-
-  def fixed(i):
-    holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"], batches[i % 2])
-    return holder["acc"]
-
-  compute = timing.time_steps(fixed, jax.block_until_ready, warmup=spec.get("warmup", 2),
-                              repeats=spec.get("repeats", 3), steps=spec.get("steps", 5))
-  config = _data_config(spec, config_root)
-  mesh = parallel.make_mesh(jax.devices()[:spec.get("devices") or jax.device_count()])
-  iterator = pipe.make_iterator(config.data, "train", batch_size=batch_size,
-                                sharding=parallel.data_sharding(mesh), seed=1, shuffle=True,
-                                num_epochs=None, drop_remainder=True)
-  waited = [0.0]
-
-  def fed(i):
-    del i
-    start = time.perf_counter()
-    batch = next(iterator)
-    waited[0] += time.perf_counter() - start
-    holder["state"], holder["acc"] = compiled(holder["state"], holder["acc"],
-                                              {k: batch[k] for k in batches[0]})
-    return holder["acc"]
-
-  buffered = startup_batches(config.data)
-  try:
-    for _ in range(max(spec.get("warmup", 2), buffered)):
-      fed(0)
-    jax.block_until_ready(holder["acc"])
-    waited[0] = 0.0
-    n = max(spec.get("repeats", 3) * spec.get("steps", 5), 10 * buffered)
-    start = time.perf_counter()
-    for _ in range(n):
-      fed(0)
-    jax.block_until_ready(holder["acc"])
-    total = time.perf_counter() - start
-  finally:
-    iterator.close()
-  fed_s = total / n
-  return {"img_per_s": batch_size / fed_s, "step_ms": 1e3 * fed_s,
-          "compute_step_ms": 1e3 * compute["step_s"],
-          "idle_fraction": max(0.0, 1.0 - compute["step_s"] / fed_s),
-          "next_wait_fraction": waited[0] / total, "batch": batch_size,
-          "workers": spec.get("workers", 0), "image_size": config.data.image_size}
-
-
 # --------------------------------------------------------------------------- memory
 
 
@@ -430,7 +271,8 @@ def eval_memory(spec: dict, config_root: str) -> dict:
   (thresholds from ``num_val`` val phantoms); peak RSS is what this figure is for."""
   from cxr_jax.evaluation import evaluator  # pylint: disable=import-outside-toplevel
   from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
-  from cxr_jax.train import parallel, trainer  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import parallel  # pylint: disable=import-outside-toplevel
+  from cxr_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
                        spec.get("overrides"))
   with config.unlocked():
@@ -440,7 +282,7 @@ def eval_memory(spec: dict, config_root: str) -> dict:
     config.cam = "gradcam"
   method = get_method(config.method)
   model = method.model(config)
-  params, batch_stats = trainer.init_variables(model, method.stages(config)[0], config,
+  params, batch_stats = step_lib.init_variables(model, method.stages(config)[0], config,
                                                jax.random.key(0))
   start = time.perf_counter()
   payload = evaluator.evaluate(method, model, {"params": params, "batch_stats": batch_stats},
@@ -448,7 +290,7 @@ def eval_memory(spec: dict, config_root: str) -> dict:
   seconds = time.perf_counter() - start
   return {"img_per_s": payload["num_examples"] / seconds, "seconds": seconds,
           "num_examples": payload["num_examples"], "image_size": config.data.image_size,
-          "boxes_scored": sum(payload["localization"].get("count", {}).values())}
+          "boxes_scored": sum(payload["localization"].get("iou@0.1", {}).get("n", {}).values())}
 
 
 def bilinear_memory(spec: dict, config_root: str) -> dict:
@@ -500,12 +342,14 @@ def bilinear_memory(spec: dict, config_root: str) -> dict:
 def quickstart(spec: dict, config_root: str) -> dict:
   """The README quickstart (``cxr-train --config=configs/quickstart.py``) in this process, in a
   temporary workdir; the figure is its wall clock and peak memory (all its processes)."""
+  from cxr_jax.methods import get_method  # pylint: disable=import-outside-toplevel
   from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
   config = load_config(config_root, spec.get("config", "quickstart"), spec.get("arg", ""),
                        spec.get("overrides"))
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
-    trainer.train_and_evaluate(config, os.path.join(workdir, "run"))
+    trainer.train_and_evaluate(config, os.path.join(workdir, "run"),
+                               method=get_method(config.method))
     seconds = time.perf_counter() - start
   return {"seconds": seconds, "train_steps": config.train_steps, "batch": config.batch_size,
           "image_size": config.data.image_size}
@@ -514,25 +358,7 @@ def quickstart(spec: dict, config_root: str) -> dict:
 FIGURES = {
     "train_step": train_step,
     "gradcam": gradcam,
-    "pipeline": pipeline,
-    "input_idle": input_idle,
     "eval_memory": eval_memory,
     "bilinear_memory": bilinear_memory,
     "quickstart": quickstart,
 }
-
-
-def run(spec: dict, config_root: str) -> dict:
-  """The figure ``spec['kind']`` (JAX figures here, 'torch_*' in ``torch_ref``) + memory peaks."""
-  kind = spec["kind"]
-  if kind.startswith("torch_"):
-    from cxr_jax.bench import torch_ref  # pylint: disable=import-outside-toplevel
-    fn = torch_ref.FIGURES[kind]
-  else:
-    fn = FIGURES[kind]
-  result = fn(spec, config_root)
-  result.update(memory.host_peak())
-  if not kind.startswith("torch_"):
-    result.update(memory.device_peak())
-  return result
-

@@ -1,11 +1,12 @@
 """Suites of figures, the runner (one process per figure) and the JSON / markdown output.
 
-A figure is a spec dict: 'name' (unique in its suite), 'kind' (``figures.FIGURES`` or
-``torch_ref.FIGURES``), the figure's own keys (see ``figures``), and optionally
+A figure is a spec dict: 'name' (unique in its suite), 'kind' (``figures.FIGURES``,
+``input_figures.FIGURES`` or ``torch_ref.FIGURES``), the figure's own keys (see ``figures``),
+and optionally
   devices    N > 1: the first N devices (on CPU, N simulated host devices)
   xla_flags  extra XLA_FLAGS for this figure's process
   xla_defaults  False: without the console scripts' XLA:CPU defaults
-             (``cli.flags.CPU_XLA_FLAGS``), i.e. XLA's own; default True
+             (``xla_cpu.CPU_XLA_FLAGS``), i.e. XLA's own; default True
   ratio_to   (name, 'img_per_s' | 'step_time'): the markdown's ratio column,
              this figure's images/s over that one's, or its step time over that one's
   what       a short description for the table
@@ -25,15 +26,16 @@ import subprocess
 import sys
 import tempfile
 
+from cxr_jax import files
 from cxr_jax.bench import machine, memory
-from cxr_jax.cli import flags as cli_flags
+from cxr_jax import xla_cpu
 
 
 # The CPU fast-path experiment (issue 11), compiled in a process without our defaults: XLA's
 # own default (jaxlib 0.10: YNNPACK fusions for dots, convolutions and reductions), our
-# default (YNNPACK for dots only: ``cli.flags.CPU_XLA_FLAGS``), YNNPACK off (XLA's own
+# default (YNNPACK for dots only: ``xla_cpu.CPU_XLA_FLAGS``), YNNPACK off (XLA's own
 # kernels). YNNPACK for convolutions alone measured as slow as XLA's default (RESULTS.md).
-CPU_VARIANTS = ({}, dict(cli_flags.CPU_XLA_FLAGS), {"xla_cpu_experimental_ynn_fusion_type": ""})
+CPU_VARIANTS = ({}, dict(xla_cpu.CPU_XLA_FLAGS), {"xla_cpu_experimental_ynn_fusion_type": ""})
 
 
 def model_arg(backbone: str, size: int, width: float, extra: str = "") -> str:
@@ -262,7 +264,7 @@ def _env(spec: dict) -> dict:
   flags += spec.get("xla_flags", "").split()
   env["XLA_FLAGS"] = " ".join(flags)
   if spec.get("xla_defaults", True):
-    cli_flags.set_cpu_xla_defaults(env)
+    xla_cpu.set_cpu_xla_defaults(env)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   return env
 
@@ -366,19 +368,14 @@ def markdown(run: dict) -> str:
 
 
 def append_atomic(path: str, text: str) -> None:
-  """Appends ``text`` to ``path`` by writing old + new to a temp file and os.replace."""
+  """Appends ``text`` to ``path`` by writing old + new atomically (``files.write_text_atomic``)."""
   old = ""
   if os.path.exists(path):
     with open(path) as f:
       old = f.read()
   if old and not old.endswith("\n\n"):
     old += "\n" if old.endswith("\n") else "\n\n"
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".results-")
-  with os.fdopen(fd, "w") as f:
-    f.write(old + text)
-  os.replace(tmp, path)
+  files.write_text_atomic(path, old + text)
 
 
 def run_suite(specs: list[dict], *, suite: str, results: str, json_dir: str, config_root: str,
@@ -403,10 +400,7 @@ def run_suite(specs: list[dict], *, suite: str, results: str, json_dir: str, con
       log(f"[{len(run['figures'])}/{len(specs)}] {spec['name']}: {status[0]} ({fig['wall_s']:.0f} s)"
           + (f"; {notes}" if notes else ""))
   path = os.path.join(json_dir, f"{suite}-{now.strftime('%Y%m%dT%H%M%S')}.json")
-  fd, tmp = tempfile.mkstemp(dir=json_dir, prefix=".bench-")
-  with os.fdopen(fd, "w") as f:
-    json.dump(run, f, indent=1, default=float)
-  os.replace(tmp, path)
+  files.write_json_atomic(path, run, indent=1, default=float)
   run["json"] = path
   append_atomic(results, markdown(run))
   return run

@@ -2,7 +2,7 @@
 Grad-CAM also pytorch-grad-cam). Without them the figure reports ``skipped``.
 
 The reference train step is what a PyTorch user would write for the baseline:
-the torchvision model with a GAP + Linear(K) head (``figures.torch_model``),
+the torchvision model with a GAP + Linear(K) head (``torch_model``),
 channels_last, Adam, BCE with logits, ``zero_grad(set_to_none=True)``; on GPU
 under ``torch.autocast`` (bfloat16) when the JAX figure computes in bfloat16
 (AMP), on CPU in float32 (or CPU autocast for bfloat16).
@@ -14,7 +14,32 @@ import time
 
 import numpy as np
 
-from cxr_jax.bench import figures, timing
+from cxr_jax.bench import timing
+from cxr_jax.bench.configs import load_config
+
+
+def torch_model(backbone: str, num_classes: int, channels: int, seed: int = 0):
+  """The torchvision ``backbone`` with ``channels`` input channels and a GAP + Linear(K) head,
+  seeded: the same weights in every process. None without torch."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+    import torchvision  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  torch.manual_seed(seed)
+  model = getattr(torchvision.models, backbone)(num_classes=num_classes)
+  first = {"resnet": ("conv1",), "densenet": ("features", "conv0"), "vgg": ("features", "0")}
+  family = next(f for f in first if backbone.startswith(f))
+  parent = model
+  for name in first[family][:-1]:
+    parent = getattr(parent, name)
+  old = getattr(parent, first[family][-1])
+  setattr(parent, first[family][-1], torch.nn.Conv2d(
+      channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None))
+  if family == "vgg":  # GAP + Linear, like our backbone + head (torchvision: 7x7 pool + 3 FC)
+    model.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+    model.classifier = torch.nn.Linear(512, num_classes)
+  return model.eval()
 
 
 def _setup(spec: dict, config_root: str):
@@ -22,10 +47,10 @@ def _setup(spec: dict, config_root: str):
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
-  config = figures.load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
-                               spec.get("overrides"))
+  config = load_config(config_root, spec.get("config", "baseline"), spec.get("arg", ""),
+                       spec.get("overrides"))
   device = "cuda" if torch.cuda.is_available() else "cpu"
-  model = figures.torch_model(config.model.backbone, spec.get("classes", 14), config.data.channels)
+  model = torch_model(config.model.backbone, spec.get("classes", 14), config.data.channels)
   model = model.to(device, memory_format=torch.channels_last)
   size, batch = config.data.image_size, spec["batch"]
   gen = torch.Generator().manual_seed(0)

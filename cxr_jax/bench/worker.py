@@ -1,15 +1,32 @@
 """One figure in this process: ``python -m cxr_jax.bench.worker SPEC_JSON OUT_JSON CONFIG_ROOT``.
 
-Writes the figure's result dict (``figures.run``) plus the machine description to
+Writes the figure's result dict (``run``) plus the machine description to
 OUT_JSON, or {'error': ...} with the traceback when the figure fails.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
+
+
+def run(spec: dict, config_root: str) -> dict:
+  """The figure ``spec['kind']`` (JAX figures in ``figures`` and ``input_figures``, 'torch_*'
+  in ``torch_ref``) + memory peaks."""
+  # pylint: disable=import-outside-toplevel  (imported after triton, see ``main``)
+  from cxr_jax.bench import figures, input_figures, memory
+  kind = spec["kind"]
+  if kind.startswith("torch_"):
+    from cxr_jax.bench import torch_ref
+    fn = torch_ref.FIGURES[kind]
+  else:
+    fn = {**figures.FIGURES, **input_figures.FIGURES}[kind]
+  result = fn(spec, config_root)
+  result.update(memory.host_peak())
+  if not kind.startswith("torch_"):
+    result.update(memory.device_peak())
+  return result
 
 
 def main(argv: list[str]) -> int:
@@ -21,9 +38,10 @@ def main(argv: list[str]) -> int:
     import triton  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     pass
-  from cxr_jax.bench import figures, machine  # pylint: disable=import-outside-toplevel
+  from cxr_jax import files  # pylint: disable=import-outside-toplevel
+  from cxr_jax.bench import machine  # pylint: disable=import-outside-toplevel
   try:
-    result = figures.run(spec, config_root)
+    result = run(spec, config_root)
     status = 0
   except Exception:  # pylint: disable=broad-except  (reported in the JSON, the suite goes on)
     result = {"error": traceback.format_exc(limit=8)}
@@ -32,10 +50,7 @@ def main(argv: list[str]) -> int:
     result["machine"] = machine.describe(devices=not spec["kind"].startswith("torch_"))
   except Exception:  # pylint: disable=broad-except
     result["machine"] = machine.describe(devices=False)
-  tmp = out_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=1, default=float)
-  os.replace(tmp, out_path)
+  files.write_json_atomic(out_path, result, indent=1, default=float)
   return status
 
 

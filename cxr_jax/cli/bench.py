@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from cxr_jax.bench import suites
+from cxr_jax.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("suite", "cpu-small", list(suites.SUITES), "Which figures to run.")
@@ -66,7 +67,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli_flags.run_app(main)
 
 
 if __name__ == "__main__":

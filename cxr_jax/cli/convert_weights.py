@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from flax import traverse_util
 
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
   try:
     variables = convert(args.arch, args.input, args.output, in_channels=args.in_channels, head=args.head)
   except (FileNotFoundError, ImportError, KeyError, ValueError) as e:
-    raise SystemExit(f"cxr-convert-weights: {e}") from e
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str quotes
+    print(f"cxr-convert-weights: error: {message}", file=sys.stderr)
+    sys.exit(2)
   counts = {k: sum(v.size for v in traverse_util.flatten_dict(t).values())
             for k, t in variables.items()}
   print(f"wrote {os.path.abspath(args.output)}: {counts}")

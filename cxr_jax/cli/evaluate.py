@@ -1,12 +1,18 @@
-"""cxr-eval: evaluate a trained method's checkpoint on a split.
+r"""cxr-eval: evaluate a trained method's checkpoint on a split.
 
   cxr-eval --config=configs/baseline.py --workdir=/tmp/b [--split=test]
 
 Restores the checkpoint the trainer keeps in WORKDIR/checkpoints (through
-``cxr_jax.train.trainer.restore_for_eval``), predicts the split, and writes
-WORKDIR/eval/<split>.json and WORKDIR/report/{roc,pr}_<split>.png. F1
-thresholds are chosen on 'val' (see ``evaluator.evaluate``). Use the same
---config (and --config.* overrides) as the training run.
+``cxr_jax.train.trainer.restore_for_eval``) and runs every evaluator of
+``config.evals`` that reports on the split (``cxr_jax.evaluation.evaluators``):
+WORKDIR/eval/<split>.json (each evaluator's section) and WORKDIR/report/ (ROC / PR
+curves, CAM overlays, the papers' figures). F1 thresholds are chosen on 'val' (see
+``evaluator.evaluate``). The config is the training run's, WORKDIR/config.json
+(written by cxr-train); a --config (with --config.* overrides) that differs from
+it is an error naming the differing fields, unless --force. ``--print_config``
+lists every field of that config with its value and comment, then exits.
+An error in the config, flags or paths is one line and exit status 2
+(``--verbose``: with its traceback).
 
 Ensembles (Ge 2018, Table 1's 'R18 + D121' rows: the mean of several runs'
 probabilities):
@@ -34,13 +40,18 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cxr_jax import errors, run_config
 from cxr_jax.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", None, "Config file of the training run, e.g. configs/baseline.py[:dataset=nih,...].",
-    lock_config=True)
+    "config", None, "Config file of the training run, e.g. configs/baseline.py[:dataset=nih,...] "
+    "(default: WORKDIR/config.json).", lock_config=True)
 flags.DEFINE_string("workdir", None, "The training run's directory (holds checkpoints/).")
+flags.DEFINE_bool("print_config", False, "Print every field of the config with its value and "
+                  "comment, then exit.")
+flags.DEFINE_bool("force", False, "Go on when --config differs from WORKDIR/config.json "
+                  "(where the shapes allow).")
 flags.DEFINE_string("split", "test", "Split to evaluate: 'val', 'test', ...")
 flags.DEFINE_bool("curves", True, "Also write ROC / PR curves under WORKDIR/report/.")
 flags.DEFINE_list("ensemble_workdirs", [], "More training runs (comma-separated) whose "
@@ -48,46 +59,112 @@ flags.DEFINE_list("ensemble_workdirs", [], "More training runs (comma-separated)
 flags.DEFINE_multi_string("ensemble_configs", [], "Config of each --ensemble_workdirs run, "
                           "repeated, in order (path.py[:arg]); default: --config for all.")
 flags.DEFINE_string("out", "", "Ensemble JSON path (default WORKDIR/eval/<split>_ensemble.json).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
+
+
+def run_config_of(workdir: str, flag_config=None, *, force: bool = False):
+  """The config to evaluate ``workdir`` with: ``flag_config`` (checked against
+  WORKDIR/config.json, if there is one) or WORKDIR/config.json. Nothing is created: a
+  workdir without checkpoints is ``restore_for_eval``'s error."""
+  if flag_config is None:
+    if not os.path.isdir(workdir):
+      raise errors.MissingPath(f"--workdir={workdir}: no such folder")
+    return run_config.load(workdir)
+  run_config.check(workdir, flag_config, force=force,
+                   advice="leave out --config to evaluate with the run's own config")
+  return flag_config
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = run_config_of(FLAGS.workdir, FLAGS.config, force=FLAGS.force)
+  if FLAGS.print_config:
+    spec = cli_flags.config_spec() if FLAGS.config is not None else run_config.config_path(
+        FLAGS.workdir)
+    cli_flags.print_config(config, spec, config_flags.get_config_filename(FLAGS["config"])
+                           if FLAGS.config is not None else None)
+    return
   from cxr_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from cxr_jax.train import parallel  # pylint: disable=g-import-not-at-top
   from cxr_jax.train import trainer  # pylint: disable=g-import-not-at-top
   cli_flags.quiet_library_logs()
   parallel.maybe_initialize_distributed()
   if FLAGS.ensemble_workdirs:
-    _evaluate_ensemble(evaluator, trainer)
+    _evaluate_ensemble(evaluator, trainer, config)
     return
   if FLAGS.ensemble_configs or FLAGS.out:
     raise app.UsageError("--ensemble_configs and --out need --ensemble_workdirs")
-  method, model, variables, mesh = trainer.restore_for_eval(FLAGS.config, FLAGS.workdir)
-  stage = list(method.stages(FLAGS.config))[-1].name  # the trainer's final eval names it so
-  payload = evaluator.evaluate(method, model, variables, FLAGS.config, FLAGS.split, FLAGS.workdir,
-                               stage=stage, mesh=mesh, write_curves=FLAGS.curves)
-  cls = payload["classification"]
-  print(f"{payload['method']} on {FLAGS.split} ({payload['num_examples']} images): "
-        f"mean AUROC {_fmt(cls['auroc']['mean'])}, AUPRC {_fmt(cls['auprc']['mean'])}, "
-        f"F1 {_fmt(cls['f1']['mean'])}, W-AUC {_fmt(cls['w_auc'])}, D-AUC {_fmt(cls['d_auc'])}, "
-        f"N-AUC {_fmt(cls['n_auc'])}; wrote {FLAGS.workdir}/eval/{FLAGS.split}.json")
+  results = _run_declared(config, FLAGS.workdir, FLAGS.split, trainer)
+  for name, sections in results.items():
+    payload = sections.get(FLAGS.split, {})
+    if "classification" not in payload:
+      print(f"{name} on {FLAGS.split}: wrote section {name!r} of "
+            f"{FLAGS.workdir}/eval/{FLAGS.split}.json")
+      continue
+    cls = payload["classification"]
+    print(f"{payload['method']} on {FLAGS.split} ({payload['num_examples']} images): "
+          f"mean AUROC {_fmt(cls['auroc']['mean'])}, AUPRC {_fmt(cls['auprc']['mean'])}, "
+          f"F1 {_fmt(cls['f1']['mean'])}, W-AUC {_fmt(cls['w_auc'])}, D-AUC {_fmt(cls['d_auc'])}, "
+          f"N-AUC {_fmt(cls['n_auc'])}; wrote {FLAGS.workdir}/eval/{FLAGS.split}.json")
 
 
-def _evaluate_ensemble(evaluator, trainer):
-  """Restores every run, averages their probabilities on --split, writes the ensemble JSON."""
-  workdirs = [FLAGS.workdir] + FLAGS.ensemble_workdirs
-  if FLAGS.ensemble_configs and len(FLAGS.ensemble_configs) != len(FLAGS.ensemble_workdirs):
+def _run_declared(config, workdir: str, split: str, trainer) -> dict:
+  """Runs every ``config.evals`` evaluator that reports on ``split`` on the workdir's final
+  checkpoint (stage evaluators read their stage's best checkpoint)."""
+  from cxr_jax.evaluation import evaluator, evaluators  # pylint: disable=g-import-not-at-top
+  from cxr_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  from cxr_jax.train.checkpoint import RunCheckpoints  # pylint: disable=g-import-not-at-top
+  method = get_method(config.method)
+  model, variables, mesh = trainer.restore_for_eval(config, workdir, method)
+  stages = {s.name: s for s in method.stages(config)}
+  opened = []
+
+  def stage_variables(name: str) -> dict:
+    if not opened:
+      opened.append(RunCheckpoints(os.path.abspath(workdir), config.keep_checkpoints))
+    return opened[0].best_variables(name, stages[name].monitor().mode)
+
+  try:
+    ctx = evaluators.EvalContext(
+        config=config, workdir=workdir, method=method, model=model, mesh=mesh,
+        make_iterator=evaluators.default_make_iterator, evaluate=evaluator.evaluate,
+        stage_variables=stage_variables)
+    declared = [d for d in evaluators.build_evals(ctx, list(stages))
+                if split in d.evaluator.splits]
+    for d in declared:
+      d.evaluator.splits = (split,)
+      if isinstance(d.evaluator, evaluator.ClassificationEval):
+        d.evaluator.write_curves = FLAGS.curves
+    if not declared:
+      raise app.UsageError(f"no evaluator of config.evals reports on split {split!r}")
+    return evaluators.run_evals(ctx, declared, variables, stage=list(stages)[-1])
+  finally:
+    for checkpoints in opened:
+      checkpoints.close()
+
+
+def _evaluate_ensemble(evaluator, trainer, config):
+  """Restores every run, averages their probabilities on --split, writes the ensemble JSON
+  (``config``: WORKDIR's)."""
+  from cxr_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  others = cli_flags.rejoin_paths(list(FLAGS.ensemble_workdirs))
+  workdirs = [FLAGS.workdir] + others
+  if FLAGS.ensemble_configs and len(FLAGS.ensemble_configs) != len(others):
     raise app.UsageError(f"{len(FLAGS.ensemble_configs)} --ensemble_configs for "
-                         f"{len(FLAGS.ensemble_workdirs)} --ensemble_workdirs: give one per run "
+                         f"{len(others)} --ensemble_workdirs: give one per run "
                          "(in order), or none to use --config for all")
-  overrides = config_flags.get_override_values(FLAGS["config"])
-  configs = [FLAGS.config] + ([_load_config(spec, overrides) for spec in FLAGS.ensemble_configs]
-                              or [FLAGS.config] * len(FLAGS.ensemble_workdirs))
+  overrides = (config_flags.get_override_values(FLAGS["config"]) if FLAGS.config is not None
+               else {})
+  if FLAGS.ensemble_configs:
+    given = [_load_config(spec, overrides) for spec in FLAGS.ensemble_configs]
+  else:  # --config for every run, else each run's own WORKDIR/config.json
+    given = [FLAGS.config] * len(others)
+  configs = [config] + [run_config_of(w, c, force=FLAGS.force) for w, c in zip(others, given)]
   members, mesh = [], None
   for config, workdir in zip(configs, workdirs):
-    method, model, variables, mesh = trainer.restore_for_eval(config, workdir)
+    method = get_method(config.method)
+    model, variables, mesh = trainer.restore_for_eval(config, workdir, method)
     members.append((method, model, variables, config))
   path = FLAGS.out or os.path.join(FLAGS.workdir, "eval", f"{FLAGS.split}_ensemble.json")
   payload = evaluator.evaluate_ensemble(members, FLAGS.split, path, mesh=mesh, names=workdirs)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 
 import matplotlib
 
@@ -24,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from cxr_jax import files  # pylint: disable=g-import-not-at-top
 from cxr_jax.data import schema  # pylint: disable=g-import-not-at-top
 from cxr_jax.data.sources import phantom_export  # pylint: disable=g-import-not-at-top
 from cxr_jax.data.sources import synthetic  # pylint: disable=g-import-not-at-top
@@ -63,17 +63,8 @@ def plot_grid(examples: list[dict], columns: int, class_names=schema.NIH14.class
 
 
 def save_figure_atomically(fig: plt.Figure, path: str, dpi: int = 100) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".phantoms-", suffix=".png", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=dpi)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with files.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=dpi)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -4,11 +4,14 @@
       --image_size=512 --workers=8 [--skip_bad] [--only_present] [--mimic_dir=...]
 
 Reads the official download in --manual_dir with the dataset's reader, writes
-DATA_DIR/cxr_<dataset>/<config>/1.0.0 (``cxr_jax.data.prepared``) with a
+DATA_DIR/cxr_<dataset>/<config>/1.0.0 (``cxr_jax.data.shards``) with a
 progress bar, in parallel over --workers processes. A killed build resumes
 where it stopped when run again; the dataset only becomes visible once every
 shard is written and verified. Train on it with
-``--config.data.data_dir=DATA_DIR``. Prints the reading time and the writing throughput.
+``--config.data.data_dir=DATA_DIR``. Prints the reading time and the writing throughput,
+the rows left out per reason with the first images of each, how many images with boxes or
+gaze are missing (or, with --skip_bad, unreadable) and their first names; prepare_report.json
+lists every row left out and, uncapped, every such image ('annotated_missing').
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import os
 import sys
 import time
 
-from cxr_jax.data import prepared
+from cxr_jax.data import layout, prepared, shards
 from cxr_jax.data.sources import records
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="cxr-prepare", description=__doc__.split("\n")[0])
-  parser.add_argument("--dataset", required=True, choices=prepared.DATASETS)
+  parser.add_argument("--dataset", required=True, choices=layout.DATASETS)
   parser.add_argument("--manual_dir", required=True, help="the official download folder")
   parser.add_argument("--data_dir", required=True, help="root folder of prepared datasets")
   parser.add_argument("--image_size", type=int, default=256, help="stored size (square), px")
@@ -38,9 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help="nih: keep only the rows whose image file exists (partial downloads)")
   parser.add_argument("--mimic_dir", default="",
                       help="reflacx / egd: the MIMIC-CXR-JPG folder their images come from")
-  parser.add_argument("--shard_size", type=int, default=prepared.DEFAULT_SHARD_SIZE)
+  parser.add_argument("--shard_size", type=int, default=shards.DEFAULT_SHARD_SIZE)
   parser.add_argument("--png_compression", type=int, choices=range(10),
-                      default=prepared.PNG_COMPRESSION,
+                      default=shards.PNG_COMPRESSION,
                       help="zlib level of the stored PNGs; 0 (default) decodes fastest in the "
                       "training workers, and the shards' own zstd keeps them as small")
   parser.add_argument("--no_progress", action="store_true")
@@ -60,32 +63,57 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
+def skipped_summary(recs: list[records.Record], stored_ids, names: int = 5) -> list[str]:
+  """Console lines naming the records the build skipped (--skip_bad: image unreadable or gone
+  by the time it was encoded), and those of them that carried boxes or gaze."""
+  stored = set(stored_ids)
+  lost = [r for r in recs if r.id not in stored]
+  if not lost:
+    return []
+  annotated = [r for r in lost if records.annotations_of(r)]
+
+  def listed(rs):
+    more = f", ... (+{len(rs) - names})" if len(rs) > names else ""
+    return ", ".join(r.id for r in rs[:names]) + more
+
+  lines = [f"skipped {len(lost)} images while encoding (--skip_bad): {listed(lost)}"]
+  if annotated:
+    lines.append(f"{len(annotated)} of the skipped images had boxes or gaze: {listed(annotated)}")
+  return lines
+
+
 def main(argv: list[str]) -> str:
   args = parse_args(argv)
   kwargs = dict(only_present=True) if args.only_present else {}
   if args.mimic_dir:
     kwargs["mimic_dir"] = args.mimic_dir
   options = dict(uncertainty=args.uncertainty, frontal_only=not args.all_views)
-  final = prepared.dataset_dir(args.data_dir, args.dataset, args.image_size, **options)
+  final = layout.dataset_dir(args.data_dir, args.dataset, args.image_size, **options)
   if os.path.isfile(os.path.join(final, "dataset_info.json")):
     print(f"already prepared: {final}")
     return final
   start = time.perf_counter()
-  recs, problems, space = prepared.read_records(args.dataset, args.manual_dir,
-                                                skip_bad=args.skip_bad, **options, **kwargs)
+  recs, problems, space = shards.read_records(args.dataset, args.manual_dir,
+                                              skip_bad=args.skip_bad, **options, **kwargs)
   read_seconds = time.perf_counter() - start
-  print(f"read {len(recs)} records in {read_seconds:.1f} s; left out: {problems.counts()}")
+  print(f"read {len(recs)} records in {read_seconds:.1f} s"
+        + ("" if problems.count else "; no row left out"))
+  for line in problems.summary():
+    print(line)
   start = time.perf_counter()
-  folder = prepared.prepare_records(
+  folder = shards.prepare_records(
       args.dataset, recs, problems, space, args.data_dir, args.image_size, **options,
       workers=args.workers, skip_bad=args.skip_bad, shard_size=args.shard_size,
       png_compression=args.png_compression, progress=not args.no_progress)
   seconds = time.perf_counter() - start
   source = prepared.PreparedSource(folder)
+  for line in skipped_summary(recs, source.image_ids):
+    print(line)
   counts = ", ".join(f"{s}: {(source.official_splits == s).sum()}" for s in source.splits)
   print(f"wrote {len(source)} images ({counts}) in {seconds:.1f} s = "
         f"{len(source) / seconds:.1f} images/s with {args.workers} workers\n-> {folder}\n"
-        f"   report: {os.path.join(folder, prepared.REPORT_FILE)}\n"
+        f"   report: {os.path.join(folder, layout.REPORT_FILE)} (every row left out; "
+        f"'annotated_missing': every image lost with its boxes / gaze)\n"
         f"train with --config.data.data_dir={args.data_dir}")
   return folder
 

@@ -20,7 +20,14 @@ row is (re)launched, so re-running a stopped sweep resumes its runs. SIGTERM
 or Ctrl-C is passed on to the running cxr-train processes, which checkpoint.
 
 ``--emit=slurm`` writes WORKDIR_ROOT/sweep.sbatch, a SLURM array job with one
-task per row (run it with ``sbatch``); ``--dry_run`` only prints the commands.
+task per row (run it with ``sbatch``); ``--dry_run`` prints the commands (stdout) and
+preflights each row (stderr; ``cxr_jax.train.preflight``: splits, counts, what its stages
+and evaluators need; a row with errors makes it exit with status 2), writing and running
+nothing;
+``--print_config`` prints the config every row starts from (get_config(arg) +
+--override, each field with its value and comment) and the rows, then exits.
+A config file, --override or row that names no field is one line naming it and
+exit status 2 (``--verbose``: with its traceback).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import ml_collections
 from absl import app
 from absl import flags
 
+from cxr_jax import errors, files, run_config
 from cxr_jax.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
@@ -51,11 +59,14 @@ flags.DEFINE_integer("parallel", 1, "Runs at a time (local; with --emit=slurm, a
                      "a time, unlimited unless given).")
 flags.DEFINE_enum("emit", None, ["slurm"], "Write a SLURM array script instead of running.")
 flags.DEFINE_multi_string("override", [], "KEY=VALUE applied to every row (before the row's own).")
-flags.DEFINE_bool("dry_run", False, "Print the cxr-train commands; write and run nothing.")
+flags.DEFINE_bool("dry_run", False, "Print the cxr-train commands and preflight every row "
+                  "(its data, what its stages and evaluators need); write and run nothing.")
 flags.DEFINE_string("slurm_options", "",
                     "Extra '#SBATCH' lines for --emit=slurm, ';'-separated, e.g. "
                     "'--partition=gpu;--gres=gpu:1;--time=04:00:00'.")
-flags.mark_flags_as_required(["config", "workdir_root"])
+flags.DEFINE_bool("print_config", False, "Print the config the rows start from (every field with "
+                  "its value and comment) and the rows' overrides, then exit.")
+flags.mark_flags_as_required(["config"])
 
 FINISHED_FILE = os.path.join("eval", "test.json")
 
@@ -64,7 +75,7 @@ def load_config_module(spec: str):
   """(module, path, arg) of 'path/to/config.py[:arg]'."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--config: no such file {path!r}")
+    raise errors.MissingPath(f"--config={spec}: no such file {path!r}")
   module_spec = importlib.util.spec_from_file_location(
       "cxr_sweep_config_" + re.sub(r"\W", "_", os.path.basename(path)), path)
   module = importlib.util.module_from_spec(module_spec)
@@ -76,7 +87,7 @@ def parse_override(text: str) -> tuple[str, Any]:
   """'a.b=1e-3' -> ('a.b', 0.001): the value as a Python literal, else the string."""
   key, sep, value = text.partition("=")
   if not sep or not key:
-    raise ValueError(f"--override {text!r}: expected KEY=VALUE")
+    raise errors.UserError(f"--override={text}: expected KEY=VALUE")
   try:
     return key.strip(), ast.literal_eval(value)
   except (ValueError, SyntaxError):
@@ -86,29 +97,31 @@ def parse_override(text: str) -> tuple[str, Any]:
 def normalize_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
   """Keys without a leading 'config.'; a row must be a non-empty dict."""
   if not isinstance(row, Mapping) or not row:
-    raise ValueError(f"{where}: a sweep row must be a non-empty dict of overrides, got {row!r}")
+    raise errors.UserError(f"{where}: a sweep row must be a non-empty dict of overrides, "
+                           f"got {row!r}")
   return {k[len("config."):] if k.startswith("config.") else k: v for k, v in row.items()}
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
                     where: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with the dotted ``overrides`` set (existing keys only)."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  """A copy of ``config`` with the dotted ``overrides`` set (existing keys only); fields that
+  reference another (``get_ref``) keep following it."""
+  config = ml_collections.ConfigDict(config.to_dict(preserve_field_references=True))
   for key, value in overrides.items():
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
       if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise KeyError(f"{where}: config has no field {key!r}")
+        raise errors.UnknownKey(f"{where}: config has no field {key!r}")
       node = node[part]
     if leaf not in node:
-      raise KeyError(f"{where}: config has no field {key!r}")
+      raise errors.UnknownKey(f"{where}: config has no field {key!r}")
     if isinstance(node[leaf], tuple) and isinstance(value, list):
       value = tuple(value)
     try:
       node[leaf] = value
     except TypeError as e:
-      raise TypeError(f"{where}: {key}={value!r}: {e}") from None
+      raise errors.UserError(f"{where}: {key}={value!r}: {e}") from None
   return config
 
 
@@ -118,16 +131,29 @@ def row_name(index: int, row: Mapping[str, Any]) -> str:
   return f"{index:02d}-" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", parts)[:120]
 
 
+def base_config(spec: str, common: Sequence[str] = ()):
+  """(module, path, arg, config): get_config(arg) of the config file with the ``common``
+  overrides ('KEY=VALUE', --override) applied, each checked on its own."""
+  module, path, arg = load_config_module(spec)
+  try:
+    config = module.get_config(arg)
+  except (KeyError, ValueError) as e:  # the config file's own check of its arg
+    raise errors.UserError(f"--config={spec}: {e.args[0] if e.args else e}") from e
+  for text in common:
+    config = apply_overrides(config, dict([parse_override(text)]), f"--override={text}")
+  return module, path, arg, config
+
+
 def plan(spec: str, workdir_root: str, common: Sequence[str] = ()) -> list[dict]:
   """The runs of a sweep: [{'name', 'workdir', 'overrides', 'config', 'command'}]."""
-  module, path, arg = load_config_module(spec)
+  module, path, arg, _ = base_config(spec, common)
   if not hasattr(module, "get_sweep"):
-    raise AttributeError(f"{path} defines no get_sweep(arg): nothing to sweep")
+    raise errors.UserError(f"{path} defines no get_sweep(arg): nothing to sweep")
   base = module.get_config(arg)
   common_overrides = dict(parse_override(o) for o in common)
   rows = module.get_sweep(arg)
   if not rows:
-    raise ValueError(f"{path}: get_sweep({arg!r}) returned no rows")
+    raise errors.UserError(f"{path}: get_sweep({arg!r}) returned no rows")
   runs, names = [], set()
   for index, raw in enumerate(rows):
     where = f"{path}: get_sweep({arg!r}) row {index}"
@@ -136,7 +162,7 @@ def plan(spec: str, workdir_root: str, common: Sequence[str] = ()) -> list[dict]
     config = apply_overrides(base, overrides, where)
     name = row_name(index, row)
     if name in names:
-      raise ValueError(f"{where}: duplicate row name {name!r}")
+      raise errors.UserError(f"{where}: duplicate row name {name!r}")
     names.add(name)
     workdir = os.path.join(os.path.abspath(workdir_root), name)
     command = [sys.executable, "-m", "cxr_jax.cli.train",
@@ -149,19 +175,33 @@ def plan(spec: str, workdir_root: str, common: Sequence[str] = ()) -> list[dict]
   return runs
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def preflight_rows(runs: Sequence[dict]) -> dict[str, str]:
+  """Preflights every row's config (``cxr_jax.train.preflight``: its splits, counts and
+  needs, no training), printing one line per row and its warnings to stderr (stdout keeps
+  the commands alone); returns {row name: its errors in one line} of the rows that fail."""
+  from cxr_jax.methods import get_method  # pylint: disable=g-import-not-at-top
+  from cxr_jax.train import preflight  # pylint: disable=g-import-not-at-top
+  cli_flags.quiet_library_logs()
+  failed = {}
+  for run in runs:
+    config = run["config"]
+    plan = preflight.make_plan(config, get_method(config.method))
+    if plan.errors:
+      failed[run["name"]] = "; ".join(plan.errors)
+      line = f"{len(plan.errors)} error(s): {failed[run['name']]}"
+    else:
+      line = f"ok ({len(plan.warnings)} warning(s))"
+    print(f"[cxr-sweep] preflight {run['name']}: {line}", file=sys.stderr, flush=True)
+    for warning in plan.warnings:
+      print(f"  warning: {warning}", file=sys.stderr, flush=True)
+  return failed
 
 
 def prepare(run: dict) -> None:
   """WORKDIR/config.json (resolved config) and WORKDIR/sweep.json (its sweep row)."""
   os.makedirs(run["workdir"], exist_ok=True)
-  _write_atomic(os.path.join(run["workdir"], "config.json"),
-                run["config"].to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  _write_atomic(os.path.join(run["workdir"], "sweep.json"), json.dumps(
+  run_config.write(run["workdir"], run["config"])  # what cxr-train writes and checks against
+  files.write_text_atomic(os.path.join(run["workdir"], "sweep.json"), json.dumps(
       {"name": run["name"], "config_file": run["config_file"], "arg": run["arg"],
        "row": run["row"], "overrides": run["overrides"]}, indent=2, default=str) + "\n")
 
@@ -228,10 +268,19 @@ def run_local(runs: Sequence[dict], parallel: int) -> dict[str, int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.print_config:
+    _print_config(FLAGS.config, FLAGS.override)
+    return
+  if not FLAGS.workdir_root:
+    raise app.UsageError("--workdir_root is required (each row runs in WORKDIR_ROOT/<row name>)")
   runs = plan(FLAGS.config, FLAGS.workdir_root, FLAGS.override)
   if FLAGS.dry_run:
     for run in runs:
       print(shlex.join(run["command"]))
+    failed = preflight_rows(runs)
+    if failed:
+      raise errors.UserError(f"preflight failed for {len(failed)} of {len(runs)} rows: "
+                             + "; ".join(f"{name}: {error}" for name, error in failed.items()))
     return
   todo = [r for r in runs if not os.path.exists(os.path.join(r["workdir"], FINISHED_FILE))]
   for run in runs:
@@ -242,7 +291,7 @@ def main(argv):
     path = os.path.join(os.path.abspath(FLAGS.workdir_root), "sweep.sbatch")
     options = [o.strip() for o in FLAGS.slurm_options.split(";") if o.strip()]
     parallel = FLAGS.parallel if FLAGS["parallel"].present else None
-    _write_atomic(path, slurm_script(runs, parallel, options, log_dir))
+    files.write_text_atomic(path, slurm_script(runs, parallel, options, log_dir))
     print(f"[cxr-sweep] wrote {path} ({len(runs)} array tasks): sbatch {path}")
     return
   for run in runs:
@@ -256,6 +305,16 @@ def main(argv):
     print(f"[cxr-sweep] not finished (exit status; None = not started): {failed}; "
           "run the same command again to resume them", file=sys.stderr)
     sys.exit(1)
+
+
+def _print_config(spec: str, common: Sequence[str]) -> None:
+  """--print_config: the config every row starts from, then each row's overrides."""
+  module, path, arg, config = base_config(spec, common)
+  cli_flags.print_config(config, " ".join([spec] + [f"--override={o}" for o in common]), path)
+  rows = module.get_sweep(arg) if hasattr(module, "get_sweep") else []
+  for index, raw in enumerate(rows):
+    row = normalize_row(raw, f"{path}: get_sweep({arg!r}) row {index}")
+    print(f"# row {index}: " + " ".join(f"{k}={v!r}" for k, v in row.items()))
 
 
 def run():

@@ -11,6 +11,18 @@ cxr-sweep) without the ``--replicate_keys`` (default: seed, fold), so runs that
 differ only in those are aggregated; a workdir without sweep.json is its own
 setting, named after the folder. Workdirs without WORKDIR/eval/<split>.json are
 listed on stderr and left out.
+
+  cxr-table --paper=ge2018                                   # the paper's tables
+  cxr-table --paper=ge2018 --table=1 --workdirs /tmp/ge_t1/* [--format=latex]
+
+With ``--paper`` and ``--table``, a paper's table in its layout
+(``cxr_jax.evaluation.paper_table``): runs are grouped by the row their
+config.json names (``table.row``), each cell is ours (mean ± sample std over the
+row's runs, with their count n) beside the paper's number and the difference;
+the eval JSON is the one the table's spec names (``--split`` does not apply).
+Rows without a finished run and unfinished workdirs are listed in the output and
+on stderr. An unknown paper or table, or workdirs of another paper, table or
+method, is an error (exit 2) that lists the known ones.
 """
 
 from __future__ import annotations
@@ -22,21 +34,32 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 from absl import app
 from absl import flags
 
+from cxr_jax import errors, files
+from cxr_jax.cli import flags as cli_flags
+from cxr_jax.evaluation import paper_table
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", [], "Run folders (also taken from the positional arguments, so "
                   "`--workdirs DIR/*` works).")
 flags.DEFINE_string("split", "test", "Which eval/<split>.json to read.")
-flags.DEFINE_enum("format", "md", ["md", "csv"], "Markdown table or CSV.")
+flags.DEFINE_enum("format", "md", ["md", "csv", "latex"],
+                  "Markdown table, CSV or LaTeX (LaTeX: --paper/--table only).")
 flags.DEFINE_list("metrics", ["auroc", "auprc", "f1"],
                   "classification metrics; the first one also gets per-class columns.")
 flags.DEFINE_list("replicate_keys", ["seed", "fold"],
                   "Override keys (last component) that replicate a setting: aggregated over.")
 flags.DEFINE_string("output", None, "Write the table here instead of stdout.")
+flags.DEFINE_string("paper", None, "A paper of cxr_jax/evaluation/paper_tables.json: render its "
+                    "--table (without --table: list its tables).")
+flags.DEFINE_string("table", None, "The --paper's table number as the paper prints it ('1', 'II').")
+flags.DEFINE_string("spec", None, "Advanced: a tables spec file instead of the package's "
+                    "paper_tables.json.")
 
 
 def run_setting(workdir: str, replicate_keys: Sequence[str]) -> str:
@@ -53,7 +76,8 @@ def run_setting(workdir: str, replicate_keys: Sequence[str]) -> str:
 def metric_values(classification: dict, metric: str) -> tuple[float, dict[str, float]]:
   """(mean, {class: value}) of one metric of an eval JSON; undefined values as NaN."""
   if metric not in classification:
-    raise KeyError(f"metric {metric!r} not in the eval JSON; available: {sorted(classification)}")
+    raise errors.UnknownKey(f"--metrics: {metric!r} is not in the eval JSON; available: "
+                            f"{sorted(classification)}")
   entry = classification[metric]
   as_float = lambda v: math.nan if v is None else float(v)
   if not isinstance(entry, dict):
@@ -123,8 +147,43 @@ def render(rows: Sequence[dict], fmt: str, digits: int = 3) -> str:
   return "\n".join(lines) + "\n"
 
 
+def fail(message: str) -> NoReturn:
+  """A user error: one line on stderr, exit status 2."""
+  print(f"cxr-table: error: {message}", file=sys.stderr)
+  raise SystemExit(2)
+
+
+def emit(text: str) -> None:
+  if FLAGS.output:
+    files.write_text_atomic(FLAGS.output, text)
+  else:
+    sys.stdout.write(text)
+
+
+def paper_main(workdirs: Sequence[str]) -> None:
+  """--paper [--table]: the paper's table list, or its table from the workdirs."""
+  try:
+    spec = paper_table.load_spec(FLAGS.spec)
+    if FLAGS.table is None:
+      emit(paper_table.list_tables(spec, FLAGS.paper))
+      return
+    table = paper_table.paper_table(workdirs, spec, FLAGS.paper, FLAGS.table)
+  except paper_table.TableError as e:
+    fail(str(e))
+  for line in paper_table.missing_lines(table):
+    print(f"cxr-table: {line}", file=sys.stderr)
+  emit(paper_table.render(table, FLAGS.format))
+
+
 def main(argv):
-  workdirs = list(FLAGS.workdirs) + list(argv[1:])
+  workdirs = cli_flags.rejoin_paths(list(FLAGS.workdirs)) + list(argv[1:])
+  if FLAGS.paper is not None:
+    paper_main(workdirs)
+    return
+  if FLAGS.table is not None:
+    fail("--table needs --paper (cxr-table --paper=NAME lists its tables)")
+  if FLAGS.format == "latex":
+    fail("--format=latex needs --paper and --table")
   if not workdirs:
     raise app.UsageError("no workdirs: cxr-table --workdirs DIR/*")
   rows, missing = collect(workdirs, FLAGS.split, FLAGS.metrics, FLAGS.replicate_keys)
@@ -132,19 +191,12 @@ def main(argv):
     print(f"cxr-table: no eval/{FLAGS.split}.json in {workdir} (unfinished?): left out",
           file=sys.stderr)
   if not rows:
-    raise SystemExit(f"cxr-table: none of the {len(workdirs)} workdirs has eval/{FLAGS.split}.json")
-  table = render(rows, FLAGS.format)
-  if FLAGS.output:
-    tmp = f"{FLAGS.output}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(table)
-    os.replace(tmp, FLAGS.output)
-  else:
-    sys.stdout.write(table)
+    raise errors.MissingPath(f"none of the {len(workdirs)} workdirs has eval/{FLAGS.split}.json")
+  emit(render(rows, FLAGS.format))
 
 
 def run():
-  app.run(main)
+  cli_flags.run_app(main)
 
 
 if __name__ == "__main__":

@@ -75,12 +75,15 @@ NIH14 = LabelSpace(
            "Nodule", "Pneumonia", "Pneumothorax"),
 )
 
+# CheXpert has no boxes; ``boxed`` lists the classes whose NIH-14 counterparts are boxed, so
+# NIH boxes mapped into this space are scored (Talasila 2023's NIH IoU of a CheXpert model).
 CHEXPERT14 = LabelSpace(
     name="chexpert14",
     classes=("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
              "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
              "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
              "Pleural Other", "Fracture", "Support Devices"),
+    boxed=("Cardiomegaly", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion"),
 )
 
 # REFLACX phase 2-3 labels (certainty >= 3; phase-1 names mapped onto them in

@@ -9,27 +9,28 @@
   boxes red, boxes read off the map green.
 - ``write_pr_comparison``: micro-averaged precision-recall curve of one or
   several models on one panel with iso-F1 lines and each model's AP.
-- ``run_report``: both for a finished run (``BYOLCAM.after_training``):
-  WORKDIR/eval/byol_cam.json, WORKDIR/report/cam_comparison.png,
-  WORKDIR/report/pr_micro_<split>.png, and the split's predictions
-  WORKDIR/eval/predictions_<split>.npz, which ``compare_runs`` reads to draw
-  several runs (e.g. the rows of a sweep) on one PR panel (the paper's Fig. 5).
+- ``CamKindsEval`` (``config.evals.<name> = dict(type='byol_cam_kinds',
+  splits=('test',), max_images=8)``): both on a run's final variables, per
+  split: the section {'num_images', 'num_boxes', 'mean_iou': {kind: IoU},
+  'micro_ap'} (eval/<split>.json under the eval's name),
+  WORKDIR/report/cam_comparison_<split>.png, WORKDIR/report/pr_micro_<split>.png
+  and the split's predictions WORKDIR/eval/predictions_<split>.npz, which
+  ``compare_runs`` reads to draw several runs (e.g. the rows of a sweep) on one
+  PR panel (the paper's Fig. 5).
 """
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
-from cxr_jax import cam
+from cxr_jax import cam, files
 from cxr_jax.data import pipeline, schema
 from cxr_jax.evaluation import evaluator, localization, report
 
@@ -63,51 +64,48 @@ def write_pr_comparison(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.nd
     ax.plot(recall, precision, lw=1.4, label=f"{name} (AP {ap:.3f})")
   ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=title)
   ax.legend(loc="lower left", fontsize=7)
-  report.write_bytes_atomic(out_path, report._png_bytes(fig))  # pylint: disable=protected-access
+  files.write_bytes_atomic(out_path, report._png_bytes(fig))  # pylint: disable=protected-access
   return out_path
 
 
 def write_predictions(path: str, out: Mapping[str, np.ndarray]) -> str:
   """'probs', 'labels', 'label_mask', 'index' of ``evaluator.predict_on`` as an .npz (atomically)."""
-  buffer = io.BytesIO()
-  np.savez(buffer, **{k: np.asarray(out[k]) for k in ("probs", "labels", "label_mask", "index")})
-  report.write_bytes_atomic(path, buffer.getvalue())
+  files.write_npz_atomic(path, **{k: np.asarray(out[k])
+                                  for k in ("probs", "labels", "label_mask", "index")})
   return path
 
 
 def compare_runs(runs: Mapping[str, str], out_path: str, split: str = "test") -> str:
   """PR panel of several finished runs: {name: workdir} -> ``out_path`` (PNG).
 
-  Reads each WORKDIR/eval/predictions_<split>.npz written by ``run_report``.
+  Reads each WORKDIR/eval/predictions_<split>.npz written by ``CamKindsEval``.
   """
   curves = {}
   for name, workdir in runs.items():
     path = os.path.join(workdir, "eval", f"predictions_{split}.npz")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"run {name!r}: {path} does not exist (written after training by "
-                              f"the byol_cam method)")
+      raise FileNotFoundError(f"run {name!r}: {path} does not exist (written by the "
+                              f"'byol_cam_kinds' evaluator)")
     with np.load(path) as f:
       curves[name] = (f["probs"], f["labels"], f["label_mask"])
   return write_pr_comparison(curves, out_path, title=f"Precision-recall, {split} (micro-average)")
 
 
-def boxed_images(config, split: str, max_images: int, *, mesh, make_iterator=None) -> dict:
-  """The first ``max_images`` rows of ``split`` with a box of a boxed class, in split order.
+def boxed_images(ctx, split: str, max_images: int) -> dict:
+  """The first ``max_images`` rows of ``split`` with a box of a boxed class, in split order
+  (``ctx``: an ``evaluators.EvalContext``).
 
   Returns numpy 'image' [M,H,W,C], 'boxes' [M,B,4], 'box_labels' [M,B], 'index' [M].
   """
-  make_iterator = make_iterator or evaluator._default_make_iterator  # pylint: disable=protected-access
-  boxed = np.asarray(schema.get_label_space(config.data.label_space).boxed_indices, np.int64)
-  batches = make_iterator(config.data, split, batch_size=config.eval_batch_size,
-                          sharding=NamedSharding(mesh, P("data")), seed=config.seed, shuffle=False,
-                          num_epochs=1, drop_remainder=False, augment=False)
-  rows = pipeline.first_rows(
-      batches,
-      lambda b: jax.device_get({k: b[k] for k in ("image", "boxes", "box_labels", "index", "valid")}),
-      lambda host: np.isin(host["box_labels"], boxed).any(axis=1), max_images)
+  boxed = np.asarray(schema.get_label_space(ctx.config.data.label_space).boxed_indices, np.int64)
+  with ctx.batches(split) as batches:
+    rows = pipeline.first_rows(
+        batches,
+        lambda b: jax.device_get({k: b[k] for k in ("image", "boxes", "box_labels", "index",
+                                                     "valid")}),
+        lambda host: np.isin(host["box_labels"], boxed).any(axis=1), max_images)
   if not rows:
-    raise ValueError(f"split {split!r} has no image with a box of a boxed class "
-                     f"(config.byol.cam_split)")
+    raise ValueError(f"split {split!r} has no image with a box of a boxed class")
   return rows
 
 
@@ -146,14 +144,15 @@ def compare_cams(method, model, variables, images: np.ndarray, boxes: np.ndarray
   return out
 
 
-def write_cam_panel(images: np.ndarray, boxes: np.ndarray, box_labels: np.ndarray,
-                    compared: Mapping[str, Mapping], out_path: str,
-                    titles: Sequence[str] | None = None) -> str:
-  """Rows = images, columns = CAM kinds (``compare_cams`` output): image in gray, map in
-  magma (alpha 0.5), ground-truth boxes of the first box class red, map boxes green."""
+def cam_panel_figure(images: np.ndarray, boxes: np.ndarray, box_labels: np.ndarray,
+                     compared: Mapping[str, Mapping], titles: Sequence[str] | None = None,
+                     title: str = "CAM kinds compared", threshold: float | None = None
+                     ) -> Figure:
+  """The figure of ``write_cam_panel`` (not written)."""
   kinds = list(compared)
   n = len(images)
-  fig = Figure(figsize=(2.2 * len(kinds), 2.2 * n), dpi=100, layout="constrained")
+  fig = Figure(figsize=(2.2 * len(kinds) + 1.0, 2.2 * n + 0.9), dpi=100, layout="constrained")
+  fig.suptitle(title, fontsize=10)
   axes = fig.subplots(n, len(kinds), squeeze=False)
   height, width = images.shape[1:3]
   for i in range(n):
@@ -174,38 +173,60 @@ def write_cam_panel(images: np.ndarray, boxes: np.ndarray, box_labels: np.ndarra
       if j == 0 and titles is not None:
         ax.text(-0.05, 0.5, titles[i], transform=ax.transAxes, rotation=90, va="center",
                 ha="right", fontsize=7)
-  report.write_bytes_atomic(out_path, report._png_bytes(fig))  # pylint: disable=protected-access
+  pred = report.PRED_LABEL + (f" (threshold {threshold:.2f})" if threshold is not None else "")
+  report.overlay_legend(fig, pred)
+  report.heat_colorbar(fig, axes.ravel().tolist())
+  return fig
+
+
+def write_cam_panel(images: np.ndarray, boxes: np.ndarray, box_labels: np.ndarray,
+                    compared: Mapping[str, Mapping], out_path: str,
+                    titles: Sequence[str] | None = None, title: str = "CAM kinds compared",
+                    threshold: float | None = None) -> str:
+  """Rows = images, columns = CAM kinds (``compare_cams`` output): image in gray, map in
+  magma (alpha 0.5), ground-truth boxes of the first box class red, map boxes green; the
+  figure title ``title``, a legend of the box colours (``threshold``: the binarization
+  that read the green boxes) and a colour bar of the maps. Written atomically."""
+  fig = cam_panel_figure(images, boxes, box_labels, compared, titles, title, threshold)
+  files.write_bytes_atomic(out_path, report._png_bytes(fig))  # pylint: disable=protected-access
   return out_path
 
 
-def run_report(method, config, workdir: str, *, mesh, make_iterator=None) -> dict:
-  """The CAM comparison and micro PR curve of a finished run (its final checkpoint).
+class CamKindsEval:
+  """``dict(type='byol_cam_kinds', splits=('test',), max_images=8)``: per split, the CAM-kind
+  comparison on its first ``max_images`` boxed images and the micro-averaged PR curve of the
+  given (final) variables (module docstring); boxes read off the maps at ``config.cam_threshold``
+  (127/255 without one)."""
+  needs = ("boxes",)  # what its splits must hold (cxr_jax.train.preflight)
 
-  Writes WORKDIR/eval/byol_cam.json {'split', 'num_images', 'mean_iou': {kind: IoU},
-  'num_boxes', 'micro_ap'}, WORKDIR/report/cam_comparison.png and
-  WORKDIR/report/pr_micro_<split>.png (process 0). Returns the JSON payload.
-  """
-  from cxr_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  _, model, variables, _ = trainer.restore_for_eval(config, workdir)
-  variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  split = config.byol.cam_split
-  out = evaluator.predict_on(method, model, variables, config, split, mesh=mesh,
-                             make_iterator=make_iterator)
-  boxed = boxed_images(config, split, config.byol.cam_panel_images, mesh=mesh,
-                       make_iterator=make_iterator)
-  compared = compare_cams(method, model, variables, boxed["image"], boxed["boxes"],
-                          boxed["box_labels"], threshold=float(config.get("cam_threshold", 127 / 255)))
-  payload = {"split": split, "num_images": int(len(boxed["index"])),
-             "num_boxes": int(np.sum(boxed["box_labels"] >= 0)),
-             "mean_iou": {kind: c["mean_iou"] for kind, c in compared.items()},
-             "micro_ap": micro_pr(out["probs"], out["labels"], out["label_mask"])[2]}
-  if jax.process_index() == 0:
-    evaluator.write_json_atomic(os.path.join(workdir, "eval", "byol_cam.json"), payload)
-    write_cam_panel(boxed["image"], boxed["boxes"], boxed["box_labels"], compared,
-                    os.path.join(workdir, "report", "cam_comparison.png"),
-                    titles=[f"#{i}" for i in boxed["index"]])
-    write_predictions(os.path.join(workdir, "eval", f"predictions_{split}.npz"), out)
-    name = f"{method.name} ({config.model.backbone})"
-    write_pr_comparison({name: (out["probs"], out["labels"], out["label_mask"])},
-                        os.path.join(workdir, "report", f"pr_micro_{split}.png"))
-  return payload
+  def __init__(self, ctx, name: str, *, splits: Sequence[str] = ("test",), max_images: int = 8):
+    self.ctx, self.name, self.splits, self.max_images = ctx, name, tuple(splits), int(max_images)
+
+  def run(self, variables, *, stage: str) -> dict[str, dict]:
+    del stage
+    c = self.ctx
+    variables = c.replicated(variables)
+    threshold = float(c.config.get("cam_threshold", 127 / 255))
+    sections = {}
+    for split in self.splits:
+      out = evaluator.predict_on(c.method, c.model, variables, c.config, split, mesh=c.mesh,
+                                 make_iterator=c.make_iterator)
+      boxed = boxed_images(c, split, self.max_images)
+      compared = compare_cams(c.method, c.model, variables, boxed["image"], boxed["boxes"],
+                              boxed["box_labels"], threshold=threshold)
+      sections[split] = {
+          "num_images": int(len(boxed["index"])),
+          "num_boxes": int(np.sum(boxed["box_labels"] >= 0)),
+          "mean_iou": {kind: compared_kind["mean_iou"] for kind, compared_kind in compared.items()},
+          "micro_ap": micro_pr(out["probs"], out["labels"], out["label_mask"])[2]}
+      if c.writes:
+        write_cam_panel(boxed["image"], boxed["boxes"], boxed["box_labels"], compared,
+                        c.path("report", f"cam_comparison_{split}.png"),
+                        titles=[f"#{i}" for i in boxed["index"]],
+                        title=f"{c.method.name}: CAM kinds on the first boxed images of {split} "
+                              f"(map of each image's first boxed class)", threshold=threshold)
+        write_predictions(c.path("eval", f"predictions_{split}.npz"), out)
+        name = f"{c.method.name} ({c.config.model.backbone})"
+        write_pr_comparison({name: (out["probs"], out["labels"], out["label_mask"])},
+                            c.path("report", f"pr_micro_{split}.png"))
+    return sections

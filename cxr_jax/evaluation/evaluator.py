@@ -9,7 +9,7 @@ copy overlaps the device's work.
 
 The JSON (DESIGN.md, "Evaluation output"):
 
-  {"method", "dataset", "stage", "split", "num_examples", "auroc_mean",
+  {"method", "dataset", "split_policy", "stage", "split", "num_examples", "auroc_mean",
    "classification": metrics.classification_report(...),
    "localization": BoxLocalizer.result() for splits with boxes, else {}}
 
@@ -27,7 +27,6 @@ several runs' probabilities, rows matched by example index
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -38,14 +37,21 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cxr_jax import cam
-from cxr_jax.data import schema
+from cxr_jax import cam, files
+from cxr_jax.data import schema, splits
+from cxr_jax.evaluation import evaluators
 from cxr_jax.evaluation import localization
 from cxr_jax.evaluation import metrics
 from cxr_jax.evaluation import report
 
 # Batch entries read on the host only; everything else numeric goes to predict.
 HOST_KEYS = ("labels", "label_mask", "valid", "index")
+
+
+def split_policy_used(data_config) -> str:
+  """The header's 'split_policy': how the real data's splits were cut (``data.split_policy``,
+  ``splits.split_indices``), or 'phantom' for the synthetic phantoms' fixed index ranges."""
+  return "phantom" if data_config.name == "synthetic" else splits.split_policy(data_config)
 
 
 def make_predict_fn(method, model, mesh: Mesh) -> Callable[[Any, Mapping[str, Any]], dict]:
@@ -149,41 +155,49 @@ class BoxLocalizer:
                                        f"{self.class_names[present[0]]}")
 
   def result(self) -> dict:
-    """{} without boxes; else the protocol, accuracy tables (IoU > T, T = 0.3/0.5/0.7; IoR),
-    box counts and the mean IoU per class (Talasila 2023 reports the average IoU)."""
+    """{} without boxes; else the protocol and, in the eval JSON's metric form, the box
+    accuracies 'iou@T' / 'ior@T' (IoU > T, T = 0.1/0.3/0.5/0.7; {mean, per_class, n}: n the
+    boxes per class) and 'mean_iou' per class (Talasila 2023 reports the average IoU)."""
     if not self.scores:
       return {}
     cls, ious, iors = (np.concatenate(parts) for parts in zip(*self.scores))
     if not len(cls):
       return {}
-    mean_iou = {self.class_names[k]: float(ious[cls == k].mean()) for k in np.unique(cls)}
-    mean_iou["mean"] = float(np.mean(list(mean_iou.values())))
+    per_class = {self.class_names[k]: float(ious[cls == k].mean()) for k in np.unique(cls)}
+    count = localization.counts(cls, self.class_names)
     thresholds = (0.1, 0.3, 0.5, 0.7)
+    tables = {kind: localization.accuracy_table(cls, scores, thresholds, self.class_names, True)
+              for kind, scores in (("iou", ious), ("ior", iors))}
     return {"protocol": "boxes from connected components of the binarized heat map; "
                         "a GT box is correct if its best-IoU predicted box has IoU > T",
             "cam": self.kind, "binarize_threshold": self.threshold, "binarize_mode": self.mode,
             "largest_only": self.largest_only,
-            "iou": localization.accuracy_table(cls, ious, thresholds, self.class_names, True),
-            "ior": localization.accuracy_table(cls, iors, thresholds, self.class_names, True),
-            "mean_iou": mean_iou, "count": localization.counts(cls, self.class_names)}
+            **localization.accuracy_metrics(tables, count),
+            "mean_iou": {"mean": float(np.mean(list(per_class.values()))),
+                         "per_class": per_class, "n": count}}
 
-  def write_overlays(self, path: str) -> str | None:
+  def write_overlays(self, path: str, title: str | None = None) -> str | None:
+    """The collected overlays as a PNG (``report.write_overlays``) under ``title`` (default:
+    the CAM kind); the legend names the binarization that read the green boxes off the map."""
     if not self.overlays["images"]:
       return None
     o = self.overlays
-    return report.write_overlays(np.stack(o["images"]), np.stack(o["heatmaps"]), o["gt"],
-                                 o["pred"], path, titles=o["titles"])
+    mode = "" if self.mode == "absolute" else f" {self.mode}"
+    return report.write_overlays(
+        np.stack(o["images"]), np.stack(o["heatmaps"]), o["gt"], o["pred"], path,
+        titles=o["titles"], title=title or f"{self.kind} maps",
+        pred_label=f"{report.PRED_LABEL} (threshold {self.threshold:.2f}{mode})")
 
 
 def box_localizer(method, model, config, mesh: Mesh) -> BoxLocalizer | None:
   """The ``BoxLocalizer`` ``config`` asks for, or None (config.cam = 'none', no boxed class in
   the label space, or a method without ``cam_target`` for a gradient / score CAM).
 
-  Config fields (with defaults): cam ('gradcam'; 'gradcam++', 'scorecam', 'predict', 'none'),
-  cam_threshold (127/255, Talasila 2023), cam_threshold_mode ('absolute', on the min-max
+  Config fields: cam ('gradcam', 'gradcam++', 'scorecam', 'predict', 'none'),
+  cam_threshold (127/255: Talasila 2023), cam_threshold_mode ('absolute', on the min-max
   normalized map; or 'fraction_of_max'), cam_largest_only (False: every component).
   """
-  kind = config.get("cam", "gradcam")
+  kind = config.cam
   label_space = schema.get_label_space(config.data.label_space)
   classes = tuple(label_space.boxed_indices)
   if kind == "none" or not classes or (kind != "predict" and not hasattr(method, "cam_target")):
@@ -192,9 +206,8 @@ def box_localizer(method, model, config, mesh: Mesh) -> BoxLocalizer | None:
   if key not in _HEATMAP_FNS:
     _HEATMAP_FNS[key] = (method, model, make_heatmap_fn(method, model, mesh, kind, classes))
   return BoxLocalizer(_HEATMAP_FNS[key][2], classes, label_space.classes, kind=kind,
-                      threshold=float(config.get("cam_threshold", 127 / 255)),
-                      mode=config.get("cam_threshold_mode", "absolute"),
-                      largest_only=bool(config.get("cam_largest_only", False)))
+                      threshold=float(config.cam_threshold), mode=config.cam_threshold_mode,
+                      largest_only=bool(config.cam_largest_only))
 
 
 _HEATMAP_FNS: dict[tuple, tuple[Any, Any, Callable]] = {}
@@ -276,38 +289,15 @@ def predict_split(predict_fn: Callable, variables, batches: Iterable[Mapping[str
   return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def write_json_atomic(path: str, payload) -> None:
-  """Writes ``payload`` as JSON to ``path`` via a temp file in the same folder + os.replace.
-
-  The payload is serialized first (strict JSON: NaN is an error, metrics write
-  undefined values as null), so one that does not serialize leaves an existing
-  file untouched; readers see the old file or the new one, never a part.
-  """
-  report.write_bytes_atomic(path, json.dumps(payload, indent=2, allow_nan=False).encode())
-
-
-def _default_make_iterator(*args, **kwargs):
-  from cxr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.make_iterator(*args, **kwargs)
-
-
 def predict_on(method, model, variables, config, split: str, *, mesh: Mesh,
                make_iterator: Callable | None = None, keep_heatmaps: bool = False,
                localizer: BoxLocalizer | None = None) -> dict:
   """``predict_split`` over ``split`` of ``config.data`` (unshuffled, unaugmented, one epoch)."""
-  make_iterator = make_iterator or _default_make_iterator
-  batches = make_iterator(config.data, split, batch_size=config.eval_batch_size,
-                          sharding=NamedSharding(mesh, P("data")), seed=config.seed,
-                          shuffle=False, num_epochs=1, drop_remainder=False, augment=False)
   predict_fn = cached_predict_fn(method, model, mesh)
   variables = jax.device_put(variables, NamedSharding(mesh, P()))
-  try:
+  with evaluators.eval_batches(config, split, mesh=mesh, make_iterator=make_iterator) as batches:
     return predict_split(predict_fn, variables, batches, keep_heatmaps=keep_heatmaps,
                          localizer=localizer)
-  finally:
-    close = getattr(batches, "close", None)  # the pipeline's prefetch thread
-    if close is not None:
-      close()
 
 
 def _classification(out: dict, run: Callable[[str], dict], split: str, config,
@@ -355,6 +345,7 @@ def evaluate(method, model, variables, config, split: str, workdir: str | None, 
   payload = {
       "method": method.name,
       "dataset": config.data.name,
+      "split_policy": split_policy_used(config.data),
       "stage": stage,
       "split": split,
       "num_examples": int(len(out["probs"])),
@@ -363,13 +354,42 @@ def evaluate(method, model, variables, config, split: str, workdir: str | None, 
       "localization": localizer.result() if localizer is not None else {},
   }
   if workdir is not None and jax.process_index() == 0:
-    write_json_atomic(os.path.join(workdir, "eval", f"{split}.json"), payload)
+    files.update_json_atomic(os.path.join(workdir, "eval", f"{split}.json"), payload)
     if write_curves:
       report.write_curves(out["probs"], out["labels"], out["label_mask"], class_names,
-                          os.path.join(workdir, "report"), split)
+                          os.path.join(workdir, "report"), split, title=method.name)
       if localizer is not None:
-        localizer.write_overlays(os.path.join(workdir, "report", f"cam_{split}.png"))
+        localizer.write_overlays(os.path.join(workdir, "report", f"cam_{split}.png"),
+                                 title=f"{method.name}: {localizer.kind} maps of the first boxed "
+                                       f"class, {split}")
   return payload
+
+
+class ClassificationEval:
+  """``config.evals.<name> = dict(type='classification', splits=('val', 'test'))``: ``evaluate``
+  on each split with the final stage's name, writing WORKDIR/eval/<split>.json (header,
+  'classification', 'localization') and the ROC / PR curves and CAM overlays under
+  WORKDIR/report/ (``write_curves``)."""
+  writes_itself = True
+  # What its splits must hold (``cxr_jax.train.preflight``): positives of the classes (AUROC,
+  # AUPRC, F1); boxes are optional (CAM localization, where ``config.cam`` is not 'none').
+  needs = ("positives",)
+  optional = staticmethod(lambda config: ("boxes",) if config.cam != "none" else ())
+
+  def __init__(self, ctx, name: str, *, splits: Sequence[str] = ("val", "test"),
+               write_curves: bool = True):
+    self.ctx, self.name, self.splits, self.write_curves = ctx, name, tuple(splits), write_curves
+    # On data of its own (config.evals.<name>.data) it writes no header, file or curves: its
+    # payload is the section <name> of WORKDIR/eval/<split>.json, beside the run's own header.
+    self.writes_itself = not getattr(ctx, "data_overrides", None)
+
+  def run(self, variables, *, stage: str) -> dict[str, dict]:
+    c = self.ctx
+    workdir = c.workdir if self.writes_itself else None
+    return {split: c.evaluate(c.method, c.model, variables, c.config, split, workdir,
+                              stage=stage, mesh=c.mesh, make_iterator=c.make_iterator,
+                              write_curves=self.write_curves)
+            for split in self.splits}
 
 
 def average_predictions(outputs: Sequence[Mapping[str, np.ndarray]],
@@ -455,5 +475,5 @@ def evaluate_ensemble(members: Sequence[tuple], split: str, path: str | None, *,
       "localization": {},
   }
   if path is not None and jax.process_index() == 0:
-    write_json_atomic(path, payload)
+    files.write_json_atomic(path, payload)
   return payload

@@ -138,6 +138,22 @@ def counts(class_index: np.ndarray, class_names: Sequence[str]) -> dict[str, int
   return {class_names[k]: int(c) for k, c in zip(present, n)}
 
 
+def accuracy_metrics(tables: dict, count: dict[str, int]) -> dict:
+  """Accuracy tables in the eval JSON's metric form.
+
+  tables: {'iou': accuracy_table, 'ior': accuracy_table}; count: units per class.
+  Returns {'iou@T': {'mean', 'per_class': {class: accuracy}, 'n': {class: units}}, ...,
+  'ior@T': ...}, one entry per threshold T of the tables (none for an empty table).
+  """
+  out = {}
+  for kind, table in tables.items():
+    for t, row in table.items():
+      per_class = {k: v for k, v in row.items() if k != "mean"}
+      out[f"{kind}@{t}"] = {"mean": row.get("mean"), "per_class": per_class,
+                            "n": {k: int(count[k]) for k in per_class}}
+  return out
+
+
 def patch_scores(z: np.ndarray, gt_grid: np.ndarray, z_threshold: float = 0.5
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Rozenberg 2020 (Table 1) units: every (image, class) with >= 1 ground-truth patch.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from cxr_jax.methods.base import (DataSpec, EarlyStopping, LossContext, Method, PrepareContext,
+from cxr_jax.train.stage import (DataSpec, EarlyStopping, LossContext, Method, PrepareContext,
                                    Stage)
 
 METHODS = {

@@ -5,8 +5,10 @@ predictor q, linear probe, fine-tuning head).
 
 Stages:
   'pretrain' (``byol.ssl``; split 'train' of the pretraining data, which
-      ``byol.pretrain_overrides`` may swap for another dataset, e.g. a second
-      phantom seed): two views per image from the input pipeline
+      ``pretrain_overrides`` may swap for another dataset, e.g. a second
+      phantom seed, and cut by ``byol.pretrain_cv`` into cross-validation
+      folds over its boxed images: NIH's boxes are all on official-test
+      images): two views per image from the input pipeline
       (``DataSpec.views``: view0 = the online view t, view1 = the stronger,
       more likely target view t'), one online forward over
       [view0; view1; image] and one target forward over [view0; view1], loss
@@ -26,6 +28,10 @@ Stages:
       (the encoder stays self-supervised apart from the box term); True lets
       the probe's BCE train the encoder as well (weakly + fully supervised).
       The CAM loss always trains both encoder and probe.
+  'cam_finetune' (``byol.finetune.cam_stage_steps`` > 0; the "XRV + CAM loss"
+      row): the fine-tuning loss with the head's CAM loss on split 'train' of
+      the pretraining data (``cam_stage_overrides``: its boxed images, labels
+      and boxes mapped into the fine-tuning label space), before 'finetune'.
   'finetune': encoder + a new linear head on split 'train', weighted BCE
       (``losses.weighted_bce``), the data's random affine (p = 0.5),
       ReduceLROnPlateau (factor 0.1, patience 4 evaluations, lr floor
@@ -35,7 +41,7 @@ Stages:
       best-validation-AUROC params. ``byol.finetune.cam_weight`` > 0 adds
       the CAM loss on the head's Grad-CAM (the "XRV + CAM loss" row).
 
-CAM loss (Eq. 6-7, ``cam_loss``): for each image with boxes and each class c
+CAM loss (Eq. 6-7, ``losses.cam_loss``): for each image with boxes and each class c
 among its boxes, the Grad-CAM map of the encoder's last feature map for c
 (signed by default, see ``byol.cam_relu``), upsampled bilinearly to the image,
 against the union of all the image's boxes as a binary mask (pixel-centre
@@ -45,9 +51,10 @@ By default (``byol.cam_logit='cell'``) the sigmoid reads GC as a per-cell class
 logit, h w GC + y^c(0); see ``cam_loss``. The gradient flows through Grad-CAM
 (second order through ``cam.grad_cam``).
 
-After training (``after_training``): Grad-CAM vs Grad-CAM++ vs Score-CAM on
-boxed test images (panel PNG and mean box IoU per CAM kind) and a micro-averaged
-PR curve with iso-F1 lines, ``cxr_jax.evaluation.byol_report``.
+After training, the 'byol_cam_kinds' evaluator (``config.evals``,
+``cxr_jax.evaluation.byol_report.CamKindsEval``): Grad-CAM vs Grad-CAM++ vs
+Score-CAM on boxed test images (panel PNG and mean box IoU per CAM kind) and a
+micro-averaged PR curve with iso-F1 lines.
 """
 
 from __future__ import annotations
@@ -59,111 +66,20 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cxr_jax import cam, losses
+from cxr_jax import losses
 from cxr_jax.data import schema
-from cxr_jax.methods.base import PLATEAU_SIGNALS, Batch, DataSpec, LossContext, Stage
-from cxr_jax.methods.baseline import label_mask
+from cxr_jax.losses import CAM_LOGITS, cam_loss, label_mask, symmetrised_byol_loss
+from cxr_jax.train.stage import (PLATEAU_SIGNALS, Batch, DataSpec, Hooks, LossContext, Stage,
+                                  Validation)
 from cxr_jax.models.backbones import backbone_from_config
-from cxr_jax.models.byol import BYOLNetwork
+from cxr_jax.models.byol import TAU_SCHEDULES, BYOLNetwork, tau_at
+from cxr_jax.models.classifier import linear_head_fn
 
 TARGET_PARTS = ("backbone", "projector")
-TAU_SCHEDULES = ("constant", "cosine")
-CAM_LOGITS = ("gradcam", "cell")
 HEAD_INITS = ("auto", "fresh", "probe")
 
 
-# --------------------------------------------------------------------------- losses
-
-
-def normalized_mse(prediction: jax.Array, target: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """Eq. 3: || p / |p| - z / |z| ||^2 = 2 - 2 cos(p, z). [N,P], [N,P] -> [N]."""
-  p = prediction / jnp.maximum(jnp.linalg.norm(prediction, axis=-1, keepdims=True), eps)
-  z = target / jnp.maximum(jnp.linalg.norm(target, axis=-1, keepdims=True), eps)
-  return jnp.sum(jnp.square(p - z), axis=-1)
-
-
-def symmetrised_byol_loss(predictions: jax.Array, target_projections: jax.Array) -> jax.Array:
-  """L + L~ of Eq. 3 / 8, mean over the batch.
-
-  predictions: q(g(f(.))) of the online network on [view0; view1], [2N,P];
-  target_projections: g(f(.)) of the target network on [view0; view1], [2N,P]
-  (gradients stopped here). view0's prediction is matched with view1's target
-  projection and vice versa.
-  """
-  n = predictions.shape[0] // 2
-  target = jax.lax.stop_gradient(target_projections)
-  swapped = jnp.concatenate([target[n:], target[:n]])
-  per_pair = normalized_mse(predictions, swapped)          # [2N]
-  return jnp.mean(per_pair[:n] + per_pair[n:])
-
-
-def boxes_to_mask(boxes: jax.Array, box_labels: jax.Array, height: int, width: int) -> jax.Array:
-  """Union of each image's real boxes as a {0,1} mask, [N,B,4], [N,B] -> [N,H,W] float32.
-
-  The pixel-centre rule of ``cxr_jax.data.annotations.boxes_to_mask``: pixel
-  (i, j) is inside if x0 W <= j + 0.5 < x1 W and y0 H <= i + 0.5 < y1 H.
-  """
-  boxes = boxes.astype(jnp.float32)
-  cols = jnp.arange(width, dtype=jnp.float32) + 0.5
-  rows = jnp.arange(height, dtype=jnp.float32) + 0.5
-  x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
-  in_cols = (cols >= x0 * width) & (cols < x1 * width)                       # [N,B,W]
-  in_rows = (rows >= y0 * height) & (rows < y1 * height) & (box_labels >= 0)[..., None]
-  hits = jnp.einsum("nbh,nbw->nhw", in_rows.astype(jnp.float32), in_cols.astype(jnp.float32))
-  return (hits > 0).astype(jnp.float32)
-
-
-def box_classes(box_labels: jax.Array, num_classes: int) -> jax.Array:
-  """Which classes have a box in each image: [N,B] (-1 = padding) -> [N,K] float32 {0,1}."""
-  one_hot = jax.nn.one_hot(box_labels, num_classes, dtype=jnp.float32)    # -1 -> all zeros
-  return jnp.max(one_hot, axis=1)
-
-
-def cam_loss(head_fn, features: jax.Array, boxes: jax.Array, box_labels: jax.Array,
-             weights: jax.Array, image_size: tuple[int, int], relu: bool = False,
-             logit: str = "gradcam") -> jax.Array:
-  """L_CAM of Eq. 6-7.
-
-  Args:
-    head_fn: features [N,h,w,D] -> class scores [N,K] (examples independent).
-    features: the encoder's last feature map A [N,h,w,D].
-    boxes: [N,B,4] normalized (x0, y0, x1, y1); box_labels: int [N,B], -1 = padding.
-    weights: [N], 1 for images that take part (annotated, valid), else 0.
-    image_size: (H, W) the maps are upsampled to (bilinear), the mask's size.
-    relu: rectify Grad-CAM (Eq. 2) before the sigmoid. With the ReLU,
-      sigmoid(GC) >= 0.5 everywhere, so background pixels can never reach a
-      low probability and get no gradient once rectified; the default signed
-      map lets the loss push the background down.
-    logit: what the sigmoid reads. 'gradcam': the Grad-CAM map GC itself (Eq. 6
-      read literally). 'cell': h w GC + y^c(0), the class logit each feature-map
-      cell carries; for a GAP + linear head this is the class activation map
-      A(x, y) . W_c + b_c, whose mean over the cells is the head's logit y^c.
-      Grad-CAM averages the gradient over the h w cells, so GC is the same map
-      divided by h w: at 4 x 4 or 7 x 7 maps its values stay near 0, sigmoid(GC)
-      near 0.5 everywhere, and the loss sits above what a constant map reaches.
-  Returns:
-    mean over (image n, box class c) pairs of
-    mean_pixels[-y log sigmoid(M^{n,c}) - (1 - y) log(1 - sigmoid(M^{n,c}))], M the
-    upsampled map ``logit`` names (GC or h w GC + y^c(0)); 0 when no image has a box.
-  """
-  if logit not in CAM_LOGITS:
-    raise ValueError(f"unknown CAM-loss logit {logit!r}; known: {list(CAM_LOGITS)}")
-  maps = cam.grad_cam(head_fn, features, relu=relu)                          # [N,K,h,w]
-  if logit == "cell":
-    cells = features.shape[1] * features.shape[2]
-    offset = head_fn(jnp.zeros_like(features[:1]))[0].astype(maps.dtype)    # y^c(0), [K]
-    maps = cells * maps + offset[:, None, None]
-  maps = cam.upsample(maps, image_size)                                      # [N,K,H,W]
-  mask = boxes_to_mask(boxes, box_labels, *image_size)[:, None]              # [N,1,H,W]
-  per_pixel = jax.nn.softplus(maps) - mask * maps                            # BCE with logits
-  per_pair = jnp.mean(per_pixel, axis=(2, 3))                                # [N,K]
-  pairs = box_classes(box_labels, maps.shape[1]) * weights.astype(per_pair.dtype)[:, None]
-  return jnp.sum(per_pair * pairs) / jnp.maximum(jnp.sum(pairs), 1.0)
-
-
-def linear_head_fn(dense: dict):
-  """GAP + a Dense layer's params {'kernel' [D,K], 'bias' [K]} as features [N,h,w,D] -> [N,K]."""
-  return lambda f: jnp.mean(f.astype(jnp.float32), axis=(1, 2)) @ dense["kernel"] + dense["bias"]
+# --------------------------------------------------------------------------- stage losses
 
 
 def cam_weights(batch: Batch) -> jax.Array:
@@ -171,9 +87,6 @@ def cam_weights(batch: Batch) -> jax.Array:
   w = jnp.any(batch["box_labels"] >= 0, axis=1).astype(jnp.float32)
   w = w * batch.get("has_boxes", jnp.ones_like(w)).astype(jnp.float32)
   return w * batch.get("valid", jnp.ones_like(w)).astype(jnp.float32)
-
-
-# --------------------------------------------------------------------------- stage losses
 
 
 def pretrain_loss(b: ml_collections.ConfigDict, ctx: LossContext, params, batch: Batch,
@@ -209,11 +122,13 @@ def pretrain_loss(b: ml_collections.ConfigDict, ctx: LossContext, params, batch:
 
 
 def finetune_loss(cam_weight: float, cam_relu: bool, cam_logit: str, ctx: LossContext, params,
-                  batch: Batch, rng: jax.Array):
-  """Weighted BCE of the head (+ cam_weight * L_CAM of the head's Grad-CAM)."""
+                  batch: Batch, rng: jax.Array, *, weighting: str = "per_class"):
+  """Weighted BCE of the head (|P|, |N| counted by ``weighting``, config.loss_weighting)
+  (+ cam_weight * L_CAM of the head's Grad-CAM)."""
   del rng
   outputs, batch_stats = ctx.apply(params, batch["image"])
-  bce = losses.weighted_bce(outputs["logits"], batch["labels"], label_mask(batch))
+  bce = losses.weighted_bce(outputs["logits"], batch["labels"], label_mask(batch),
+                            counts=weighting)
   loss, metrics = bce, {"bce": bce}
   if cam_weight > 0:
     l_cam = cam_loss(linear_head_fn(params["head"]), outputs["features"], batch["boxes"],
@@ -237,17 +152,6 @@ def init_target(params, extras) -> dict:
   del extras
   return {"target": jax.tree.map(jnp.array, online_parts(params)),
           "ema_step": jnp.zeros((), jnp.int32)}
-
-
-def tau_at(step: jax.Array, base_tau: float, schedule: str, total_steps: int) -> jax.Array:
-  """Target decay rate at EMA step k: ``base_tau`` ('constant') or BYOL's cosine schedule
-  tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, rising from tau_base to 1 over K steps."""
-  if schedule == "constant":
-    return jnp.asarray(base_tau, jnp.float32)
-  if schedule == "cosine":
-    progress = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
-    return 1.0 - (1.0 - base_tau) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
-  raise ValueError(f"unknown byol.tau_schedule {schedule!r}; known: {list(TAU_SCHEDULES)}")
 
 
 def ema_update(base_tau: float, schedule: str, total_steps: int, state):
@@ -313,13 +217,24 @@ def pretrain_overrides(config: ml_collections.ConfigDict) -> dict:
                 "manual_dir": b.pretrain_manual_dir})
   if b.pretrain_synthetic_seed >= 0 and (out.get("name") or config.data.name) == "synthetic":
     out["synthetic.seed"] = b.pretrain_synthetic_seed
+  cv = b.pretrain_cv
+  if cv.num_folds > 0:
+    out.update({"cv.num_folds": cv.num_folds, "cv.fold": cv.fold,
+                "cv.unannotated_fraction": cv.unannotated_fraction})
   return out
+
+
+def cam_stage_overrides(config: ml_collections.ConfigDict) -> dict:
+  """``DataSpec.overrides`` of 'cam_finetune': the pretraining data (its boxes) with its labels
+  and boxes mapped into the fine-tuning label space, which the head predicts."""
+  return {**pretrain_overrides(config), "label_space": config.data.label_space}
 
 
 
 class BYOLCAM:
   """BYOL (+ CAM loss) pretraining, then supervised fine-tuning of encoder + new head."""
   name = "byol_cam"
+  pretrained_prefixes = ("backbone",)  # config.model.init_from loads here
 
   def model(self, config: ml_collections.ConfigDict) -> nn.Module:
     b = config.byol
@@ -348,21 +263,37 @@ class BYOLCAM:
           name="pretrain", loss=functools.partial(pretrain_loss, b), steps=b.steps,
           optimizer=b.optimizer, apply_kwargs={"mode": "byol"},
           data=DataSpec(split="train", views=(b.online_view.to_dict(), b.target_view.to_dict()),
-                        overrides=pretrain_overrides(config)),
-          init_extras=init_target,
-          update_extras=functools.partial(ema_update, b.tau, b.tau_schedule, b.steps),
+                        overrides=pretrain_overrides(config),
+                        needs=("boxes",) if b.cam_weight > 0 else ()),
+          hooks=Hooks(init_extras=init_target,
+                      update_extras=functools.partial(ema_update, b.tau, b.tau_schedule, b.steps)),
           batch_size=b.batch_size))
+    finetune = lambda cam_weight: functools.partial(finetune_loss, cam_weight, b.cam_relu,
+                                                    b.cam_logit, weighting=config.loss_weighting)
+    # With a 'cam_finetune' stage the CAM loss runs there: 'finetune' has none.
+    finetune_cam = 0.0 if ft.cam_stage_steps > 0 else ft.cam_weight
+    # The first stage that trains the head drops the target network and starts the head.
+    head_hooks = Hooks(init_extras=drop_extras if b.ssl else None,
+                       prepare=head_from_probe if head_init == "probe" else None)
+    if ft.cam_stage_steps > 0:
+      stages.append(Stage(
+          name="cam_finetune", loss=finetune(ft.cam_weight), steps=ft.cam_stage_steps,
+          optimizer=b.optimizer,
+          data=DataSpec(split="train", overrides=cam_stage_overrides(config),
+                        needs=("boxes",) if ft.cam_weight > 0 else ()),
+          batch_size=b.batch_size, hooks=head_hooks))
+      head_hooks = Hooks()
     optimizer = ml_collections.ConfigDict(ft.optimizer.to_dict())
     if optimizer.get("schedule") == "plateau":
       optimizer.plateau_min_scale = ft.min_learning_rate / optimizer.learning_rate
     stages.append(Stage(
-        name="finetune", loss=functools.partial(finetune_loss, ft.cam_weight, b.cam_relu,
-                                                b.cam_logit),
-        steps=ft.steps, optimizer=optimizer, data=DataSpec(split="train"),
-        eval_every=ft.eval_every, early_stopping=None, select_best=True,
-        plateau_signal=ft.plateau_signal,
-        init_extras=drop_extras if b.ssl else None, batch_size=ft.batch_size,
-        prepare=head_from_probe if head_init == "probe" else None))
+        name="finetune", loss=finetune(finetune_cam),
+        steps=ft.steps, optimizer=optimizer,
+        data=DataSpec(split="train", needs=("boxes",) if finetune_cam > 0 else ()),
+        validation=Validation(every=ft.eval_every, select_best=True,
+                              plateau_signal=ft.plateau_signal),
+        batch_size=ft.batch_size,
+        hooks=head_hooks))
     return stages
 
   def predict(self, model: nn.Module, variables, batch: Batch) -> dict[str, jax.Array]:
@@ -371,11 +302,3 @@ class BYOLCAM:
   def cam_target(self, model: nn.Module, variables):
     features_fn = lambda images: model.apply(variables, images)["features"]
     return features_fn, linear_head_fn(variables["params"]["head"])
-
-  def after_training(self, config: ml_collections.ConfigDict, workdir: str, *, mesh,
-                     make_iterator=None, evaluate=None) -> None:
-    """CAM-kind comparison (IoU + panel) and the PR curve with iso-F1 lines."""
-    del evaluate
-    from cxr_jax.evaluation import byol_report  # pylint: disable=import-outside-toplevel
-    byol_report.run_report(self, config, workdir, mesh=mesh, make_iterator=make_iterator)
-

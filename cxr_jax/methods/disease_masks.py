@@ -1,12 +1,12 @@
 """Disease masks and alignment (Kim, Jung & Lee 2022), as stages of one method.
 
-Model (``DiseaseMaskModel``): aligner (ResNet-18 -> (s_x, s_y, t_x, t_y,
-theta), identity at init, ``cxr_jax.models.alignment``) -> affine warp of the
-image -> classifier backbone (ResNet-50) -> CAM head with disease-mask
-attention (``cxr_jax.models.dm_attention``: f' = psi f + f, Eq. 4; CAMs from
-f', Eq. 5). Two params leaves no stage trains: 'anchor' [H,W,C] (Sec. 3.2)
-and 'psi' [h,w,K] (Eq. 3); both are set by ``Stage.prepare`` passes and so
-live in checkpoints, ``predict`` and ``cam_target``.
+Model (``cxr_jax.models.disease_masks.DiseaseMaskModel``): aligner (ResNet-18
+-> (s_x, s_y, t_x, t_y, theta), identity at init, ``cxr_jax.models.alignment``)
+-> affine warp of the image -> classifier backbone (ResNet-50) -> CAM head
+with disease-mask attention (``cxr_jax.models.dm_attention``: f' = psi f + f,
+Eq. 4; CAMs from f', Eq. 5). Two params leaves no stage trains: 'anchor'
+[H,W,C] (Sec. 3.2) and 'psi' [h,w,K] (Eq. 3); both are set by ``Stage.prepare``
+passes and so live in checkpoints, ``predict`` and ``cam_target``.
 
 Stages (``config.dm``):
   perceptual   (align, perceptual_steps > 0) classifier on raw images with
@@ -17,16 +17,21 @@ Stages (``config.dm``):
                + perceptual (Eq. 7, conv2_x..conv5_x of the frozen
                classifier, BatchNorm on running averages) loss between the
                anchor and B(G(phi(I))); SGD, its own batch size.
-  classify     prepare: aligned examples (their Fig. 4) and, on the
-               phantoms, the pose residuals (WORKDIR/alignment/). Classifier
-               on aligned images, weighted BCE (Eq. 10); aligner frozen.
+  classify     classifier on aligned images, weighted BCE (Eq. 10); aligner
+               frozen.
   dm_classify  prepare: psi by ``masks``: 'dm' (Eq. 1-3 from CAMs of the
-               aligned training images, WORKDIR/disease_masks/ npz + PNG like
-               their Fig. 3), 'pdm' (pseudo-disease masks, Table 2), 'none'
-               (psi = 0: f' = f, the same budget without attention). Retrains
-               the classifier with the attention.
+               aligned training images), 'pdm' (pseudo-disease masks, Table 2),
+               'none' (psi = 0: f' = f, the same budget without attention).
+               Retrains the classifier with the attention.
 Without alignment (``dm.align = False``, the 'base' row) the model has no
-aligner and the stages are classify, dm_classify.
+aligner and the stages are classify, dm_classify; with ``dm.equal_budget``
+'classify' then runs ``perceptual_steps`` more steps, so the classifier trains
+as long as in the aligned rows.
+
+Reports (``cxr_jax.evaluation.dm_report``, declared in ``config.evals``): the
+aligned examples (their Fig. 4) and the phantoms' pose residuals when 'align'
+ends ('dm_alignment'); the masks psi (npz + PNG like their Fig. 3) when
+'dm_classify' ends ('dm_masks').
 
 Heat maps (``predict``, ``cam_target``): the attended CAMs S'_c of the
 aligned image, upsampled to ``heatmap_size`` and warped back into the
@@ -37,114 +42,38 @@ against the ground truth of the input image.
 from __future__ import annotations
 
 import functools
-import io
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from cxr_jax import losses
-from cxr_jax.data import schema
-from cxr_jax.evaluation.report import write_bytes_atomic
-from cxr_jax.methods.base import Batch, LossContext, PrepareContext, Stage
-from cxr_jax.methods.baseline import label_mask
+from cxr_jax.data import anatomy, schema
+from cxr_jax.losses import label_mask
+from cxr_jax.train.stage import Batch, Hooks, LossContext, PrepareContext, Stage, Validation
 from cxr_jax.models import alignment, dm_attention
 from cxr_jax.models.backbones import backbone_from_config, get_backbone
+from cxr_jax.models.disease_masks import DiseaseMaskModel
 
 MASKS = ("dm", "pdm", "none")
 CLASSIFIER = "(backbone|head)/.*"
 ALIGNER = "aligner/.*"
 
 
-class DiseaseMaskModel(nn.Module):
-  """Aligner (optional) + classifier backbone + attention CAM head; params 'anchor', 'psi'.
-
-  image_shape (H, W, C); feature_grid (h, w) of the backbone's last map;
-  heatmap_size: side of the original-frame heat maps; grid_cell: B(G(.)) cell.
-  """
-  backbone: nn.Module
-  aligner: nn.Module | None
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  feature_grid: tuple[int, int]
-  heatmap_size: int
-  grid_cell: int
-
-  def setup(self):
-    self.head = dm_attention.AttentionHead(self.num_classes)
-    self.anchor = self.param("anchor", nn.initializers.zeros, self.image_shape)
-    self.psi = self.param("psi", nn.initializers.zeros, self.feature_grid + (self.num_classes,))
-
-  def matrices(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Eq. 6 matrices [N,2,3] of the images [N,H,W,C] (identity without an aligner)."""
-    if self.aligner is None:
-      return jnp.broadcast_to(alignment.affine_matrix(jnp.asarray(alignment.IDENTITY)),
-                              (x.shape[0], 2, 3))
-    return alignment.affine_matrix(self.aligner(x, train=train))
-
-  def __call__(self, x: jax.Array, train: bool = False, align: bool = True,
-               train_aligner: bool = False, train_backbone: bool = True) -> dict[str, jax.Array]:
-    """{'logits' [N,K], 'cams' S'_c [N,h,w,K] (aligned frame), 'matrices' [N,2,3], 'aligned'}.
-
-    align=False classifies the raw image (the 'perceptual' stage); the
-    aligner's (and a frozen backbone's) BatchNorm runs on running averages
-    unless ``train_aligner`` (``train_backbone``).
-    """
-    matrices = self.matrices(x, train=train and train_aligner)
-    aligned = alignment.warp_affine(x, matrices) if align and self.aligner is not None else x
-    features = self.backbone(aligned, train=train and train_backbone)
-    logits, cams = self.head(features, self.psi)
-    return {"logits": logits, "cams": cams, "matrices": matrices, "aligned": aligned}
-
-  def align_outputs(self, x: jax.Array, train: bool = False) -> dict[str, Any]:
-    """What the alignment loss compares: B(G(phi(I))) and the anchor, and their features.
-
-    {'smoothed' [N,H,W,C], 'anchor' [H,W,C], 'features' / 'anchor_features':
-    {conv2_x..conv5_x}} from the classifier backbone on running averages.
-    """
-    smoothed = alignment.grid_blur(alignment.warp_affine(x, self.matrices(x, train=train)),
-                                   self.grid_cell)
-    anchor = jax.lax.stop_gradient(self.anchor)
-    return {"smoothed": smoothed, "anchor": anchor,
-            "features": self.backbone(smoothed, train=False, return_stages=True),
-            "anchor_features": self.backbone(anchor[None], train=False, return_stages=True)}
-
-  def original_frame_cams(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(logits [N,K], heat maps [N,S,S,K]): S'_c in the ORIGINAL image frame, S = heatmap_size.
-
-    The CAMs live on the aligned image; upsampled (bilinear) and warped back
-    with M^-1 (original(X) = aligned(M^-1 X)), where the aligned image does
-    not reach the map takes each map's minimum.
-    """
-    out = self(x)
-    cams = out["cams"]
-    n, _, _, k = cams.shape
-    size = self.heatmap_size
-    maps = jax.image.resize(cams, (n, size, size, k), "bilinear")
-    if self.aligner is None:
-      return out["logits"], maps
-    low = jnp.min(maps, axis=(1, 2), keepdims=True)
-    back = alignment.warp_affine(maps - low, alignment.invert_affine(out["matrices"]),
-                                 mode="constant", cval=0.0)
-    return out["logits"], back + low
-
-
 # --------------------------------------------------------------------------- losses
 
 
-def classification_loss(ctx: LossContext, params, batch: Batch, rng: jax.Array, *, align: bool):
-  """Weighted BCE (Eq. 10) of the classifier on aligned (or raw) images."""
+def classification_loss(ctx: LossContext, params, batch: Batch, rng: jax.Array, *, align: bool,
+                        weighting: str = "per_class"):
+  """Weighted BCE (Eq. 10; |P|, |N| counted by ``weighting``, config.loss_weighting) of the
+  classifier on aligned (or raw) images."""
   del rng
   outputs, batch_stats = ctx.apply(params, batch["image"], align=align)
-  loss = losses.weighted_bce(outputs["logits"], batch["labels"], label_mask(batch))
+  loss = losses.weighted_bce(outputs["logits"], batch["labels"], label_mask(batch),
+                             counts=weighting)
   return loss, {"metrics": {}, "batch_stats": batch_stats}
 
 
@@ -156,6 +85,13 @@ def alignment_loss(ctx: LossContext, params, batch: Batch, rng: jax.Array):
   perceptual = alignment.perceptual_loss(out["anchor_features"], out["features"])
   return euclidean + perceptual, {"metrics": {"euclidean": euclidean, "perceptual": perceptual},
                                   "batch_stats": batch_stats}
+
+
+def classify_steps(d: ml_collections.ConfigDict) -> int:
+  """Steps of stage 'classify': ``classify_steps``, plus ``perceptual_steps`` without alignment
+  when ``equal_budget`` (the aligned rows' 'perceptual' stage trains the same classifier)."""
+  extra = d.perceptual_steps if d.equal_budget and not d.align else 0
+  return d.classify_steps + extra
 
 
 # --------------------------------------------------------------------------- host passes
@@ -246,109 +182,6 @@ def mask_pass(ctx: PrepareContext, params, batch_stats, class_names: Sequence[st
   return np.asarray(total), np.asarray(count)
 
 
-def _png(fig: Figure) -> bytes:
-  buffer = io.BytesIO()
-  FigureCanvasAgg(fig).print_png(buffer)
-  return buffer.getvalue()
-
-
-def _gray(image: np.ndarray) -> np.ndarray:
-  """[H,W,C] -> [H,W] for display (channel mean)."""
-  return np.asarray(image).mean(-1)
-
-
-def write_mask_panel(path: str, psi: np.ndarray, anchor: np.ndarray,
-                     class_names: Sequence[str], title: str) -> None:
-  """PNG like Kim's Fig. 3: each class's mask (upsampled) over the anchor image."""
-  k = psi.shape[-1]
-  cols = min(k, 7)
-  rows = -(-k // cols)
-  fig = Figure(figsize=(2.2 * cols, 2.4 * rows), dpi=100, layout="constrained")
-  fig.suptitle(title)
-  axes = fig.subplots(rows, cols, squeeze=False).ravel()
-  size = anchor.shape[:2]
-  for c, ax in enumerate(axes):
-    ax.set_axis_off()
-    if c >= k:
-      continue
-    up = np.asarray(jax.image.resize(jnp.asarray(psi[..., c]), size, "bilinear"))
-    ax.imshow(_gray(anchor), cmap="gray")
-    ax.imshow(up, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-    ax.set_title(class_names[c], fontsize=8)
-  write_bytes_atomic(path, _png(fig))
-
-
-def write_aligned_examples(path: str, images: np.ndarray, aligned: np.ndarray,
-                           anchor: np.ndarray) -> None:
-  """PNG like Kim's Fig. 4: original images (top), aligned (bottom), the anchor on the right."""
-  n = len(images)
-  fig = Figure(figsize=(1.8 * (n + 1), 3.8), dpi=100, layout="constrained")
-  axes = fig.subplots(2, n + 1, squeeze=False)
-  for i in range(n):
-    axes[0, i].imshow(_gray(images[i]), cmap="gray")
-    axes[1, i].imshow(_gray(aligned[i]), cmap="gray")
-  axes[0, n].imshow(_gray(anchor), cmap="gray")
-  axes[0, n].set_title("anchor", fontsize=8)
-  axes[0, 0].set_title("original", fontsize=8, loc="left")
-  axes[1, 0].set_title("aligned", fontsize=8, loc="left")
-  for ax in axes.ravel():
-    ax.set_axis_off()
-  write_bytes_atomic(path, _png(fig))
-
-
-def pose_report(ctx: PrepareContext, params, batch_stats, split: str,
-                max_images: int) -> dict[str, Any]:
-  """Synthetic phantoms: residual pose (``alignment.residual_pose``) before / after alignment.
-
-  Over up to ``max_images`` images of ``split`` (no augmentation): 'before'
-  compares the identity with each phantom's known pose (``sample_pose``),
-  'after' the aligner's transform. Per quantity: mean |.|, and the spread
-  around the mean (std of rotation / log scale; mean distance of the shift
-  vectors to their mean), which a constant offset of the anchor frame does
-  not change.
-  """
-  from cxr_jax.data import pipeline   # pylint: disable=import-outside-toplevel
-  from cxr_jax.data.sources import synthetic   # pylint: disable=import-outside-toplevel
-  config, model = ctx.config, ctx.model
-  source = pipeline.make_source(config.data, split)
-  matrices_fn = jax.jit(lambda v, x: model.apply(v, x, method="matrices"))
-  variables = {"params": params, "batch_stats": batch_stats}
-  iterator = ctx.make_iterator(config.data, split, batch_size=config.eval_batch_size,
-                               sharding=ctx.batch_sharding, seed=config.seed, shuffle=False,
-                               num_epochs=1, drop_remainder=False, augment=False, source=source)
-  predicted, poses = [], []
-  try:
-    for batch in iterator:
-      m = np.asarray(matrices_fn(variables, batch["image"]))
-      valid, index = np.asarray(batch["valid"]) > 0, np.asarray(batch["index"])
-      for row in np.flatnonzero(valid):
-        global_index = source.source.offset + int(source.indices[index[row]])
-        poses.append(synthetic.sample_pose(config.data.synthetic.seed, global_index).matrix())
-        predicted.append(m[row])
-      if len(predicted) >= max_images:
-        break
-  finally:
-    iterator.close()
-  poses, predicted = np.stack(poses[:max_images]), np.stack(predicted[:max_images])
-  identity = np.broadcast_to(np.array([[1.0, 0, 0], [0, 1.0, 0]]), poses.shape)
-  return {"split": split, "num_images": len(poses),
-          "before": _pose_summary(alignment.residual_pose(poses, identity)),
-          "after": _pose_summary(alignment.residual_pose(poses, predicted))}
-
-
-def _pose_summary(residual: dict[str, np.ndarray]) -> dict[str, float]:
-  shift = residual["shift_xy"]
-  return {"rotation_deg_mean_abs": float(np.mean(np.abs(residual["rotation_deg"]))),
-          "rotation_deg_std": float(np.std(residual["rotation_deg"])),
-          "scale_log_std": float(np.std(np.log(residual["scale"]))),
-          "shift_mean": float(np.mean(np.linalg.norm(shift, axis=-1))),
-          "shift_spread": float(np.mean(np.linalg.norm(shift - shift.mean(0), axis=-1)))}
-
-
-def _write_json(path: str, payload) -> None:
-  write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True).encode())
-
-
 # --------------------------------------------------------------------------- the method
 
 
@@ -377,7 +210,8 @@ class DiseaseMasks:
     d = config.dm
     if d.masks not in MASKS:
       raise ValueError(f"unknown config.dm.masks {d.masks!r}; known: {list(MASKS)}")
-    classify = lambda align: functools.partial(classification_loss, align=align)
+    classify = lambda align: functools.partial(classification_loss, align=align,
+                                               weighting=config.loss_weighting)
     stages = []
     if d.align:
       if d.perceptual_steps:
@@ -387,14 +221,13 @@ class DiseaseMasks:
       stages.append(Stage(name="align", loss=alignment_loss, steps=d.align_steps,
                           optimizer=d.align_optimizer, trainable=(ALIGNER,),
                           batch_size=d.align_batch_size,
-                          prepare=functools.partial(self.prepare_anchor, d)))
-    stages.append(Stage(name="classify", loss=classify(True), steps=d.classify_steps,
-                        optimizer=config.optimizer, trainable=(CLASSIFIER,),
-                        prepare=functools.partial(self.report_alignment, d) if d.align else None))
+                          hooks=Hooks(prepare=functools.partial(self.prepare_anchor, d))))
+    stages.append(Stage(name="classify", loss=classify(True), steps=classify_steps(d),
+                        optimizer=config.optimizer, trainable=(CLASSIFIER,)))
     stages.append(Stage(name="dm_classify", loss=classify(True), steps=d.dm_steps,
                         optimizer=config.optimizer, trainable=(CLASSIFIER,),
-                        eval_every=config.eval_every,
-                        prepare=functools.partial(self.prepare_masks, d)))
+                        validation=Validation(every=config.eval_every),
+                        hooks=Hooks(prepare=functools.partial(self.prepare_masks, d))))
     return stages
 
   # -- Stage.prepare passes ------------------------------------------------------------
@@ -404,63 +237,23 @@ class DiseaseMasks:
     anchor = compute_anchor(ctx, d.anchor_images, d.anchor_labels)
     return _with_leaf(ctx.params, "anchor", anchor), ctx.extras
 
-  def report_alignment(self, d, ctx: PrepareContext):
-    """Before 'classify' (the aligner is final): WORKDIR/alignment/examples.png (Fig. 4) and,
-    on the phantoms, pose.json (``pose_report``)."""
-    config = ctx.config
-    variables = {"params": ctx.params, "batch_stats": ctx.batch_stats}
-    iterator = ctx.make_iterator(config.data, "val", batch_size=config.eval_batch_size,
-                                 sharding=ctx.batch_sharding, seed=config.seed, shuffle=False,
-                                 num_epochs=1, drop_remainder=False, augment=False)
-    try:
-      images = next(iter(iterator))["image"]
-    finally:
-      iterator.close()
-    aligned = jax.jit(lambda v, x: ctx.model.apply(v, x)["aligned"])(variables, images)
-    report = None
-    if config.data.name == "synthetic" and d.pose_images:
-      report = pose_report(ctx, ctx.params, ctx.batch_stats, "val", d.pose_images)
-    if jax.process_index() == 0:
-      folder = os.path.join(ctx.workdir, "alignment")
-      count = min(8, images.shape[0])
-      write_aligned_examples(os.path.join(folder, "examples.png"),
-                             np.asarray(images[:count]), np.asarray(aligned[:count]),
-                             np.asarray(ctx.params["anchor"]))
-      if report is not None:
-        _write_json(os.path.join(folder, "pose.json"), report)
-    return ctx.params, ctx.extras
-
   def prepare_masks(self, d, ctx: PrepareContext):
     """Before 'dm_classify': params['psi'] from ``d.masks`` (see the module docstring)."""
     config, params = ctx.config, ctx.params
     class_names = schema.get_label_space(config.data.label_space).classes
     grid = tuple(params["psi"].shape[:2])
-    counts = None
     if d.masks == "none":
       psi = np.zeros(params["psi"].shape, np.float32)
     elif d.masks == "pdm":
       side = grid[0] * max(1, 64 // grid[0])
-      if config.data.name == "synthetic":
-        from cxr_jax.data.sources import synthetic   # pylint: disable=import-outside-toplevel
-        regions = synthetic.anatomy_regions(side)
-      else:
+      regions = anatomy.anatomy_regions(config.data, side)
+      if regions is None:   # no known anatomy: the drawn NIH template
         regions = dm_attention.drawn_regions(side)
       psi = dm_attention.pseudo_disease_masks(regions, class_names, grid)
     else:
       total, counts = mask_pass(ctx, params, ctx.batch_stats, class_names, d.min_prob,
                                 d.mask_images)
       psi = dm_attention.finalize_masks(total, counts, d.threshold)
-    if jax.process_index() == 0 and d.masks != "none":
-      folder = os.path.join(ctx.workdir, "disease_masks")
-      buffer = io.BytesIO()
-      arrays = {"psi": psi, "class_names": np.array(class_names)}
-      if counts is not None:
-        arrays["counts"] = counts
-      np.savez(buffer, **arrays)
-      write_bytes_atomic(os.path.join(folder, f"{d.masks}.npz"), buffer.getvalue())
-      write_mask_panel(os.path.join(folder, f"{d.masks}.png"), psi, np.asarray(params["anchor"]),
-                       class_names,
-                       "disease masks (Eq. 3)" if d.masks == "dm" else "pseudo-disease masks")
     return _with_leaf(params, "psi", psi), ctx.extras
 
   # -- inference ------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Model (``cxr_jax.models.bilinear.TwoStreamBilinear``): two backbones with
 identical initial weights; stream 1 -> GAP -> Dense 'ce_head' (sigmoid BCE,
-E_CE), stream 2 -> GAP -> Dense 'msml_head' (MSML, Eq. 2, ``msml_loss``;
+E_CE), stream 2 -> GAP -> Dense 'msml_head' (MSML, Eq. 2, ``losses.msml_loss``;
 ``config.msml.stream2_loss = 'bce'`` gives the 'R18 + R18-BL' model), their
 last conv maps -> bilinear pooling -> signed sqrt -> L2 -> Dense 'fce_head'
 (sigmoid BCE, E_FCE). Total loss (Eq. 5):
@@ -23,6 +23,15 @@ Predictions: sigmoid of the FCE logits (``predict = 'fce'``) or the mean of
 the sigmoids of the CE and FCE heads (``'mean'``), kept on the model as
 ``TwoStreamBilinear.prediction``; heat maps and ``cam_target``
 are stream 1's CAMs with the CE head.
+
+Single-stream baselines of Table 1 (``config.msml.streams``; model
+``cxr_jax.models.bilinear.OneStream``, one stage 'train', strategy 'global' only):
+  one      'R18': one backbone, GAP + Dense 'ce_head', sigmoid BCE (E_CE alone);
+           predictions and CAMs from that head.
+  one_bl   'R18-BL': one backbone pooled bilinearly with itself, Dense
+           'fce_head', sigmoid BCE (E_FCE alone); predictions from that head,
+           Grad-CAM through it (no linear CAM: 'heatmaps' are not predicted).
+  two      the two-stream model above.
 """
 
 from __future__ import annotations
@@ -36,62 +45,29 @@ import ml_collections
 
 from cxr_jax import losses
 from cxr_jax.data import schema
-from cxr_jax.methods.base import Batch, LossContext, Stage
-from cxr_jax.methods import baseline
-from cxr_jax.models.bilinear import TwoStreamBilinear
+from cxr_jax.losses import label_mask, msml_loss
+from cxr_jax.train.stage import Batch, LossContext, Stage, Validation
+from cxr_jax.models.bilinear import OneStream, TwoStreamBilinear
+from cxr_jax.models.classifier import class_activation_maps, linear_head_fn
 
 STRATEGIES = ("global", "local", "local_fixed")
+STREAMS = ("two", "one", "one_bl")
 STREAM2_LOSSES = ("msml", "bce")
 PREDICTIONS = ("fce", "mean")
 STREAM_PARAMS = "(stream1|stream2|ce_head|msml_head)/.*"
 BILINEAR_PARAMS = "(reduce1|reduce2|fce_head)/.*"
 
 
-def msml_loss(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -> jax.Array:
-  """Multi-label softmax loss (MSML) of Ge et al. 2018, Eq. 2, as a negative log-likelihood.
-
-  For image n with positives P = {k: y=1, mask=1} and negatives
-  N = {k: y=0, mask=1} (masked classes are neither), each positive l is a
-  softmax of x_l against all negatives:
-    E_n = 1/|P| sum_{l in P} -log( e^{x_l} / (e^{x_l} + sum_{k in N} e^{x_k}) )
-        = 1/|P| sum_{l in P} softplus(logsumexp_{k in N} x_k - x_l).
-  Eq. 2 prints the probability; its gradient (Eq. 3) is that of this negative
-  log:  dE_n/dx_l = -(1 - p_l)/|P| for l in P, with p_l the softmax above,
-        dE_n/dx_k = 1/|P| sum_{l in P} e^{x_k} / (e^{x_l} + sum_{j in N} e^{x_j})
-  for k in N, and 0 for masked classes.
-  An image with no positive contributes 0 (no term, no gradient); one with no
-  negative gives p_l = 1, i.e. 0. The batch loss is the mean of E_n over the
-  images with at least one positive (0 when there are none).
-  Shapes: [N, K] each; returns a float32 scalar.
-  """
-  logits = logits.astype(jnp.float32)
-  mask = label_mask.astype(jnp.float32)
-  positive = mask * labels.astype(jnp.float32)
-  negative = (mask - positive) > 0
-  has_negative = jnp.any(negative, axis=-1)
-  # logsumexp over the negatives; -inf (with zero gradient) when there are none.
-  shift = jax.lax.stop_gradient(jnp.max(jnp.where(negative, logits, -jnp.inf), axis=-1))
-  shift = jnp.where(has_negative, shift, 0.0)
-  total = jnp.sum(jnp.exp(jnp.where(negative, logits - shift[:, None], -jnp.inf)), axis=-1)
-  negative_lse = jnp.where(has_negative, shift + jnp.log(jnp.where(has_negative, total, 1.0)),
-                           -jnp.inf)
-  per_entry = jax.nn.softplus(negative_lse[:, None] - logits)        # [N, K]
-  num_positive = jnp.sum(positive, axis=-1)
-  per_image = jnp.sum(positive * per_entry, axis=-1) / jnp.maximum(num_positive, 1.0)
-  has_positive = (num_positive > 0).astype(jnp.float32)
-  return jnp.sum(per_image * has_positive) / jnp.maximum(jnp.sum(has_positive), 1.0)
-
-
 def msml_total_loss(weights: tuple[float, float, float], stream2_loss: str, ctx: LossContext,
                     params, batch: Batch, rng: jax.Array):
   """(w_ce E_CE + w_2 E_stream2 + w_fce E_FCE, aux); weights = (w_ce, w_2, w_fce).
 
-  E_stream2 is ``msml_loss`` (or ``losses.bce`` when stream2_loss == 'bce').
+  E_stream2 is ``losses.msml_loss`` (or ``losses.bce`` when stream2_loss == 'bce').
   Terms with weight 0 are left out of the graph.
   """
   del rng
   outputs, batch_stats = ctx.apply(params, batch["image"])
-  labels, mask = batch["labels"], baseline.label_mask(batch)
+  labels, mask = batch["labels"], label_mask(batch)
   stream2_fn = msml_loss if stream2_loss == "msml" else losses.bce
   terms = {"ce": (weights[0], losses.bce, "ce_logits"),
            stream2_loss: (weights[1], stream2_fn, "msml_logits"),
@@ -111,22 +87,39 @@ class MSML:
 
   def model(self, config: ml_collections.ConfigDict) -> nn.Module:
     m = config.model
+    num_classes = len(schema.get_label_space(config.data.label_space))
+    if config.msml.streams != "two":
+      # config.model.init_from loads into the one backbone there is.
+      self.pretrained_prefixes = ("stream1",)
+      return OneStream(
+          backbone=m.backbone, num_classes=num_classes, width=m.width, dtype=jnp.dtype(m.dtype),
+          blurpool=m.blurpool, reduce_dim=config.msml.reduce_dim,
+          self_bilinear=config.msml.streams == "one_bl")
     return TwoStreamBilinear(
-        backbone=m.backbone, num_classes=len(schema.get_label_space(config.data.label_space)),
+        backbone=m.backbone, num_classes=num_classes,
         width=m.width, dtype=jnp.dtype(m.dtype), blurpool=m.blurpool,
         reduce_dim=config.msml.reduce_dim, prediction=config.msml.predict)
 
   def stages(self, config: ml_collections.ConfigDict) -> list[Stage]:
     c = config.msml
-    for key, value, known in (("strategy", c.strategy, STRATEGIES),
+    for key, value, known in (("streams", c.streams, STREAMS),
+                              ("strategy", c.strategy, STRATEGIES),
                               ("stream2_loss", c.stream2_loss, STREAM2_LOSSES),
                               ("predict", c.predict, PREDICTIONS)):
       if value not in known:
         raise ValueError(f"unknown config.msml.{key} {value!r}; known: {list(known)}")
     loss = lambda weights: functools.partial(msml_total_loss, weights, c.stream2_loss)
+    if c.streams != "two":
+      if c.strategy != "global":
+        raise ValueError(f"config.msml.streams={c.streams!r} trains one stage: "
+                         f"config.msml.strategy must be 'global', got {c.strategy!r}")
+      # E_CE alone ('one') or E_FCE alone ('one_bl'), weight 1: plain sigmoid BCE.
+      weights = (1.0, 0.0, 0.0) if c.streams == "one" else (0.0, 0.0, 1.0)
+      return [Stage(name="train", loss=loss(weights), steps=config.train_steps,
+                    optimizer=config.optimizer, validation=Validation(every=config.eval_every))]
     if c.strategy == "global":
       return [Stage(name="train", loss=loss((c.alpha, c.alpha, c.beta)), steps=config.train_steps,
-                    optimizer=config.optimizer, eval_every=config.eval_every)]
+                    optimizer=config.optimizer, validation=Validation(every=config.eval_every))]
     stream_steps = round(config.train_steps * c.stream_fraction)
     if not 1 <= stream_steps < config.train_steps:
       raise ValueError(f"config.msml.stream_fraction={c.stream_fraction} leaves no steps for one "
@@ -140,19 +133,24 @@ class MSML:
               steps=config.train_steps - stream_steps, optimizer=config.optimizer,
               trainable=(BILINEAR_PARAMS,) if fixed else (".*",),
               apply_kwargs={"train_streams": False} if fixed else {},
-              eval_every=config.eval_every),
+              validation=Validation(every=config.eval_every)),
     ]
 
   def predict(self, model: nn.Module, variables, batch: Batch) -> dict[str, jax.Array]:
     outputs = model.apply(variables, batch["image"], train=False)
+    if isinstance(model, OneStream):
+      out = {"probs": jax.nn.sigmoid(outputs[model.logits_key])}
+      if not model.self_bilinear:
+        out["heatmaps"] = class_activation_maps(outputs["features"], variables["params"]["ce_head"])
+      return out
     probs = jax.nn.sigmoid(outputs["fce_logits"])
     if model.prediction == "mean":
       probs = 0.5 * (probs + jax.nn.sigmoid(outputs["ce_logits"]))
-    heatmaps = baseline.class_activation_maps(outputs["features"], variables["params"]["ce_head"])
+    heatmaps = class_activation_maps(outputs["features"], variables["params"]["ce_head"])
     return {"probs": probs, "heatmaps": heatmaps}
 
   def cam_target(self, model: nn.Module, variables):
-    head = variables["params"]["ce_head"]
     features_fn = lambda images: model.apply(variables, images, method=model.stream1_features)
-    head_fn = lambda f: jnp.mean(f.astype(jnp.float32), axis=(1, 2)) @ head["kernel"] + head["bias"]
-    return features_fn, head_fn
+    if isinstance(model, OneStream):
+      return features_fn, lambda features: model.apply(variables, features, method=model.head)
+    return features_fn, linear_head_fn(variables["params"]["ce_head"])

@@ -11,6 +11,11 @@ for the 'R18 + R18-BL' ablation). Their last conv maps, optionally reduced by a
 
 and a Dense layer on z gives the fine-grained (FCE) logits. After pooling the
 paper's "1x1 conv" acts on a 1x1 map, i.e. it is that Dense layer.
+
+``OneStream`` is Table 1's single-stream baselines: 'R18' (one backbone, GAP +
+Dense, sigmoid BCE) and 'R18-BL' (one backbone whose map is pooled bilinearly
+with itself, z = bilinear_features(f, f), then the Dense FCE layer; "self
+bilinear pooling"), with the first stream's module names.
 """
 
 from __future__ import annotations
@@ -59,7 +64,17 @@ def bilinear_features(features1: jax.Array, features2: jax.Array) -> jax.Array:
   return l2_normalize(signed_sqrt(pooled.reshape(pooled.shape[0], -1)))
 
 
-class TwoStreamBilinear(nn.Module):
+class _Streams(nn.Module):
+  """The fields both stream models share: backbone name and size, classes, 1x1 reduction."""
+  backbone: str
+  num_classes: int
+  width: float = 1.0
+  dtype: Any = jnp.float32
+  blurpool: int = 0
+  reduce_dim: int = 0
+
+
+class TwoStreamBilinear(_Streams):
   """Two backbones, their GAP heads, and the bilinear FCE head.
 
   backbone: a name of ``cxr_jax.models.backbones.BACKBONES`` (both streams).
@@ -71,12 +86,6 @@ class TwoStreamBilinear(nn.Module):
   Returns {'ce_logits', 'msml_logits', 'fce_logits': [N,K] float32,
            'features': stream 1's map [N,h,w,D]}.
   """
-  backbone: str
-  num_classes: int
-  width: float = 1.0
-  dtype: Any = jnp.float32
-  blurpool: int = 0
-  reduce_dim: int = 0
   prediction: str = "fce"
 
   def setup(self):
@@ -115,3 +124,51 @@ class TwoStreamBilinear(nn.Module):
     variables = {col: ({**tree, "stream2": tree["stream1"]} if "stream1" in tree else tree)
                  for col, tree in variables.items()}
     return out, variables
+
+
+class OneStream(_Streams):
+  """One backbone and one head (Ge 2018 Table 1's 'R18' and 'R18-BL' rows).
+
+  self_bilinear False ('R18'): GAP + Dense 'ce_head' -> 'ce_logits'.
+  self_bilinear True ('R18-BL'): the map g (f, or its 1x1 conv 'reduce1' when
+    ``reduce_dim``) pooled bilinearly with itself, ``bilinear_features(g, g)``,
+    then Dense 'fce_head' -> 'fce_logits'.
+  The modules carry the names of TwoStreamBilinear's first stream ('stream1',
+  'reduce1', 'ce_head', 'fce_head').
+  Returns {'ce_logits' or 'fce_logits': [N,K] float32, 'features': the map [N,h,w,D]}.
+  """
+  self_bilinear: bool = False
+
+  def setup(self):
+    self.stream1 = get_backbone(self.backbone, width=self.width, dtype=self.dtype,
+                                blurpool=self.blurpool)
+    head = nn.Dense(self.num_classes, dtype=jnp.float32)
+    if self.self_bilinear:
+      self.fce_head = head
+      if self.reduce_dim:
+        self.reduce1 = nn.Conv(self.reduce_dim, (1, 1), dtype=jnp.float32)
+    else:
+      self.ce_head = head
+
+  @property
+  def logits_key(self) -> str:
+    """The output key of the head's logits."""
+    return "fce_logits" if self.self_bilinear else "ce_logits"
+
+  def stream1_features(self, x: jax.Array) -> jax.Array:
+    """The backbone's last conv map [N,h,w,D] in inference mode (for CAMs)."""
+    return self.stream1(x, train=False)
+
+  def head(self, features: jax.Array) -> jax.Array:
+    """The map [N,h,w,D] -> logits [N,K] (GAP + Dense, or self bilinear pooling + Dense)."""
+    f = features.astype(jnp.float32)
+    if not self.self_bilinear:
+      return self.ce_head(layers.global_avg_pool(f))
+    g = self.reduce1(f) if self.reduce_dim else f
+    return self.fce_head(bilinear_features(g, g))
+
+  def __call__(self, x: jax.Array, train: bool = False,
+               train_streams: bool = True) -> dict[str, jax.Array]:
+    """train_streams=False: the backbone's BatchNorm runs on its running averages."""
+    f = self.stream1(x, train=train and train_streams)
+    return {self.logits_key: self.head(f), "features": f}

@@ -13,7 +13,7 @@ the fine-tuning stage a fresh 'head' on the pretrained 'backbone'):
 
 The target network (Eq. 5) has the architecture of backbone + projector; its
 weights live outside the module (``TrainState.extras``) and are applied with
-``mode='target'``.
+``mode='target'``; ``tau_at`` is the decay rate of its moving average.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from cxr_jax.models.layers import MLP, global_avg_pool
 
 MODES = ("classify", "byol", "target")
+TAU_SCHEDULES = ("constant", "cosine")
 
 
 class BYOLNetwork(nn.Module):
@@ -71,3 +72,14 @@ class BYOLNetwork(nn.Module):
     prediction = self.predictor(self.projector(views, train=train), train=train)
     return {"features": features, "pooled": pooled, "probe_logits": self.probe(pooled),
             "prediction": prediction}
+
+
+def tau_at(step: jax.Array, base_tau: float, schedule: str, total_steps: int) -> jax.Array:
+  """Target decay rate (Eq. 5) at EMA step k: ``base_tau`` ('constant') or BYOL's cosine schedule
+  tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2, rising from tau_base to 1 over K steps."""
+  if schedule == "constant":
+    return jnp.asarray(base_tau, jnp.float32)
+  if schedule == "cosine":
+    progress = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
+    return 1.0 - (1.0 - base_tau) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+  raise ValueError(f"unknown byol.tau_schedule {schedule!r}; known: {list(TAU_SCHEDULES)}")

@@ -31,8 +31,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from cxr_jax import errors, files
 from cxr_jax.models.backbones import get_backbone
 
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "densenet121", "vgg16", "vgg16_bn")
@@ -269,7 +270,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError as e:
       raise ImportError(f"reading {path!r} needs torch (pip install 'cxr_jax[parity]'), or convert it "
                         "to .safetensors / .npz elsewhere") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+      raise errors.UserError(
+          f"{path}: not a plain state dict, refused: torch.load(weights_only=True) reads tensors "
+          "and containers only, and this file asks for other objects or code (a pickled module "
+          "or something malicious); save the model's state_dict() instead") from None
     for wrapper in ("state_dict", "model"):
       if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
         state = state[wrapper]
@@ -284,16 +291,7 @@ def save_flax(variables: Mapping[str, Any], path: str | os.PathLike) -> None:
   """Writes nested variables ({'params', 'batch_stats', ...}) to an .npz archive, atomically."""
   path = os.fspath(path)
   flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(dict(variables)).items()}
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **flat)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  files.write_npz_atomic(path, **flat)
 
 
 def load_flax(path: str | os.PathLike) -> dict[str, dict]:

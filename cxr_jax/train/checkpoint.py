@@ -10,11 +10,52 @@ WORKDIR/best/<stage>/<step>/  per stage, the best-evaluated TrainState
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run is: the 'meta' item of every checkpoint.
+
+  stage, stage_name: index and name of the stage; stage_step: steps done in it;
+  step: global step; done: the stage has ended (its final state is saved);
+  data: every process's data-iterator state (None once the stage is done);
+  best / es_best: the best monitored value (best-state selection / early stopping);
+  bad_evals: evaluations since early stopping's last improvement; evaluated: the
+  stage has evaluated at least once; loss_since_eval: (sum, count) of the training
+  loss since the previous evaluation (a 'train_loss' plateau signal); early_losses: the
+  stage's first logged mean losses (the divergence guard's reference).
+  """
+  stage: int = 0
+  stage_name: str = ""
+  stage_step: int = 0
+  step: int = 0
+  done: bool = False
+  data: Any = None
+  best: float | None = None
+  es_best: float | None = None
+  bad_evals: int = 0
+  evaluated: bool = False
+  loss_since_eval: tuple[float, int] = (0.0, 0)
+  early_losses: list[float] = dataclasses.field(default_factory=list)
+
+  def to_meta(self) -> dict[str, Any]:
+    meta = dataclasses.asdict(self)
+    meta["loss_since_eval"] = list(self.loss_since_eval)
+    return meta
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any]) -> "Progress":
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = cls(**{k: v for k, v in meta.items() if k in known})
+    out.loss_since_eval = tuple(out.loss_since_eval or (0.0, 0))
+    return out
 
 
 def abstract(tree):
@@ -37,17 +78,17 @@ class RunCheckpoints:
                                              cleanup_tmp_directories=True))
     self._best: dict[str, ocp.CheckpointManager] = {}
 
-  def latest_meta(self) -> tuple[int, dict] | None:
-    """(step, meta) of the newest finished checkpoint, or None."""
+  def latest_progress(self) -> tuple[int, Progress] | None:
+    """(step, Progress) of the newest finished checkpoint, or None."""
     step = self.latest.latest_step()
     if step is None:
       return None
     restored = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return step, restored["meta"]
+    return step, Progress.from_meta(restored["meta"])
 
-  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+  def save(self, step: int, state, progress: Progress) -> None:
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)))
+                                                   meta=ocp.args.JsonSave(progress.to_meta())))
 
   def restore(self, step: int, like):
     """The TrainState saved at ``step``, with the structure and shardings of ``like``.
@@ -67,9 +108,13 @@ class RunCheckpoints:
     return restored["state"]
 
   def _metadata(self, step: int):
-    """The saved state's tree of leaf metadata (shape, dtype) at ``step``."""
-    metadata = ocp.StandardCheckpointer().metadata(
-        os.path.join(self.workdir, "checkpoints", str(step), "state"))
+    """The saved state's tree of leaf metadata (shape, dtype) at ``step``.
+
+    Read by the item's handler: a Checkpointer would also look for step metadata
+    (_CHECKPOINT_METADATA), which lives one folder up, and warn that it is missing.
+    """
+    metadata = ocp.StandardCheckpointHandler().metadata(
+        pathlib.Path(self.workdir, "checkpoints", str(step), "state"))
     tree = getattr(metadata, "item_metadata", metadata)
     return getattr(tree, "tree", tree)
 
@@ -114,6 +159,26 @@ class RunCheckpoints:
     if step is None:
       return None
     return step, manager.restore(step, args=ocp.args.StandardRestore(abstract(like)))
+
+  def best_variables(self, stage: str, mode: str = "max") -> dict[str, Any]:
+    """{'params', 'batch_stats'} of stage ``stage``'s best state (WORKDIR/best/<stage>)."""
+    manager = self.best(stage, mode)
+    manager.wait_until_finished()
+    step = manager.best_step()
+    if step is None:
+      raise FileNotFoundError(f"{self.workdir}/best/{stage} holds no checkpoint: train the stage "
+                              f"with validation (Validation.every > 0) first")
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+    return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
+
+  def kept(self) -> str:
+    """Which checkpoint a run stopped by an error leaves to resume from (for its message)."""
+    self.wait()
+    step = self.latest.latest_step()
+    if step is None:
+      return "no checkpoint was written before it, so there is none to resume from"
+    return (f"the last checkpoint before it, step {step}, is kept in "
+            f"{os.path.join(self.workdir, 'checkpoints')}")
 
   def wait(self) -> None:
     self.latest.wait_until_finished()

@@ -1,11 +1,13 @@
 """Optimizers, learning-rate schedules and freeze masks from a config.
 
-Config keys (``config.optimizer`` or a stage's ``optimizer``):
+Config keys (``config.optimizer`` or a stage's ``optimizer``; ``FIELDS`` and
+configs/common.py ``optimizer()`` hold the defaults, and every optimizer in the
+configs declares all of them):
 
   name           adam | adamw | sgd | lars
   learning_rate  peak learning rate
   b1, b2         Adam betas (adam, adamw)
-  momentum       sgd / lars momentum (default 0.9); nesterov (default False)
+  momentum       sgd / lars momentum; nesterov
   weight_decay   adam / sgd: L2 added to the gradient (torch semantics);
                  adamw: decoupled; lars: its own decoupled decay. Never applied
                  to 1-D leaves (biases, BatchNorm scale/offset).
@@ -15,7 +17,7 @@ Config keys (``config.optimizer`` or a stage's ``optimizer``):
                  exponential: lr * decay_rate ** (t / decay_steps)
                  plateau: the factor the lr is multiplied by on a plateau
   decay_steps    see above (step, exponential)
-  plateau_patience, plateau_min_scale, plateau_rtol  (plateau; defaults 4, 0, 1e-4)
+  plateau_patience, plateau_min_scale, plateau_rtol  (plateau)
   grad_clip      clip gradients to this global norm first (0 = off)
 
 ``t`` counts the steps of the stage (a new optimizer state per stage); cosine
@@ -44,6 +46,24 @@ from flax import traverse_util
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 SCHEDULES = ("constant", "cosine", "step", "exponential", "plateau")
+# Every field an optimizer config has and its default (learning_rate has none): the same
+# fields configs/common.py ``optimizer()`` declares (tests/test_config_contract.py).
+FIELDS = dict(name="adam", b1=0.9, b2=0.999, momentum=0.9, nesterov=False, weight_decay=0.0,
+              schedule="constant", warmup_steps=0, decay_rate=0.1, decay_steps=0,
+              plateau_patience=4, plateau_rtol=1e-4, plateau_min_scale=0.0, grad_clip=0.0)
+
+
+def resolve(opt) -> ml_collections.ConfigDict:
+  """``opt`` with every field of ``FIELDS`` (a hand-built config may leave some out: they
+  take their defaults); a missing learning_rate or a field not read here is a KeyError."""
+  given = opt.to_dict() if isinstance(opt, ml_collections.ConfigDict) else dict(opt)
+  unknown = sorted(set(given) - set(FIELDS) - {"learning_rate"})
+  if unknown:
+    raise KeyError(f"optimizer fields {unknown} are not read by cxr_jax.train.optim; known: "
+                   f"{sorted([*FIELDS, 'learning_rate'])}")
+  if "learning_rate" not in given:
+    raise KeyError("optimizer.learning_rate is missing")
+  return ml_collections.ConfigDict({**FIELDS, **given})
 
 
 def param_paths(params) -> list[str]:
@@ -92,11 +112,12 @@ def batch_stats_labels(batch_stats, labels, trainable: Sequence[str]):
 
 def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Learning rate as a function of the stage's step (see the module docstring)."""
+  opt = resolve(opt)
   lr = float(opt.learning_rate)
-  warmup = int(opt.get("warmup_steps", 0))
-  name = opt.get("schedule", "constant")
-  decay_steps = int(opt.get("decay_steps", 0))
-  decay_rate = float(opt.get("decay_rate", 0.1))
+  warmup = int(opt.warmup_steps)
+  name = opt.schedule
+  decay_steps = int(opt.decay_steps)
+  decay_rate = float(opt.decay_rate)
   if name in ("step", "exponential") and decay_steps <= 0:
     raise ValueError(f"optimizer.schedule={name!r} needs optimizer.decay_steps > 0")
   if name in ("constant", "plateau"):
@@ -118,10 +139,10 @@ def _decay_mask(params):
 
 
 def _plateau(opt: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  opt = resolve(opt)
   return optax.contrib.reduce_on_plateau(
-      factor=float(opt.get("decay_rate", 0.1)), patience=int(opt.get("plateau_patience", 4)),
-      rtol=float(opt.get("plateau_rtol", 1e-4)),
-      min_scale=float(opt.get("plateau_min_scale", 0.0)))
+      factor=float(opt.decay_rate), patience=int(opt.plateau_patience),
+      rtol=float(opt.plateau_rtol), min_scale=float(opt.plateau_min_scale))
 
 
 def _scale_by_plateau(opt: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -145,17 +166,17 @@ def feed_plateau(opt: ml_collections.ConfigDict, opt_state, value: jax.Array):
 
 
 def _base_optimizer(opt: ml_collections.ConfigDict, schedule: optax.Schedule):
-  name = opt.get("name", "adam")
-  wd = float(opt.get("weight_decay", 0.0))
-  momentum = float(opt.get("momentum", 0.9))
-  nesterov = bool(opt.get("nesterov", False))
+  name = opt.name
+  wd = float(opt.weight_decay)
+  momentum = float(opt.momentum)
+  nesterov = bool(opt.nesterov)
   coupled_decay = [optax.add_decayed_weights(wd, mask=_decay_mask)] if wd else []
   if name == "adam":
     return optax.chain(*coupled_decay,
-                       optax.scale_by_adam(b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.999))),
+                       optax.scale_by_adam(b1=float(opt.b1), b2=float(opt.b2)),
                        optax.scale_by_learning_rate(schedule))
   if name == "adamw":
-    return optax.adamw(schedule, b1=float(opt.get("b1", 0.9)), b2=float(opt.get("b2", 0.999)),
+    return optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2),
                        weight_decay=wd, mask=_decay_mask)
   if name == "sgd":
     return optax.chain(*coupled_decay,
@@ -177,11 +198,12 @@ def make_optimizer(opt: ml_collections.ConfigDict, params, trainable: Sequence[s
   ``frozen``: paths frozen whatever the regexes say (the trainer passes the
   params carried from earlier stages that this stage's model does not use).
   """
+  opt = resolve(opt)
   tx = _base_optimizer(opt, make_schedule(opt, total_steps))
-  clip = float(opt.get("grad_clip", 0.0))
+  clip = float(opt.grad_clip)
   parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
   parts.append(tx)
-  if opt.get("schedule", "constant") == "plateau":
+  if opt.schedule == "plateau":
     parts.append(_scale_by_plateau(opt))
   labels = param_labels(params, trainable, stage=stage, frozen=frozen)
   return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()},

@@ -6,13 +6,16 @@ replicated, or with ``fsdp`` its large leaves are split over the same axis
 with many accelerators, and many hosts after ``maybe_initialize_distributed``.
 
 Also the multi-process pieces of a run: per-process state gathered into one
-checkpoint (``gather_process_states`` / ``process_state``), and stopping on
+checkpoint (``gather_process_states`` / ``process_state``), stopping on
 SIGTERM at a step boundary (``install_preemption_handler``,
-``preemption_requested``, ``Preempted``).
+``preemption_requested``, ``Preempted``), and a bound on the steps the host
+dispatches ahead of the devices (``StepsInFlight``), which bounds how long that
+stop waits.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -178,3 +182,40 @@ def preemption_requested(step: int) -> bool:
 def stop_due() -> bool:
   """Whether ``preemption_requested`` has returned True in this process (no sync)."""
   return _stop.is_set()
+
+
+# --------------------------------------------------------------------------- steps in flight
+
+
+class StepsInFlight:
+  """The dispatched steps not yet known to be finished, oldest first.
+
+  JAX dispatches asynchronously: unbounded, the host runs ahead of the devices by as many
+  steps as it can feed, and whatever reads a result (a log, a checkpoint, the stop on
+  SIGTERM) first waits for all of them. With ``limit`` k > 0, ``finished(room=True)``
+  before dispatching step i blocks until step i-k has finished, so at most k steps are
+  ever in flight (0: no bound). Each step is tracked by a marker: a copy of a scalar it
+  computed (the step itself is donated to the next one, the copy is not).
+  """
+
+  def __init__(self, limit: int):
+    self.limit = int(limit)
+    self.pending: collections.deque = collections.deque()  # (global step, marker)
+
+  def add(self, step: int, value: jax.Array) -> None:
+    """Tracks global step ``step``, which computes ``value``; call right after dispatching it."""
+    self.pending.append((step, jnp.copy(value)))
+
+  def finished(self, *, room: bool = False) -> int | None:
+    """Forgets the steps that have finished; with ``room``, first waits until fewer than
+    ``limit`` are left. Returns the newest step seen finished now, or None."""
+    newest = None
+    while self.pending:
+      step, marker = self.pending[0]
+      if room and self.limit and len(self.pending) >= self.limit:
+        marker.block_until_ready()
+      elif not marker.is_ready():
+        break
+      self.pending.popleft()
+      newest = step
+    return newest

@@ -100,7 +100,7 @@ def read(manual_dir: str, *, uncertainty: str = "zeros", frontal_only: bool = Tr
         continue
       path = resolve_path(root, image_id)
       if check_images and not os.path.isfile(path):
-        problems.add(csv_path, line, f"image {path} not found")
+        problems.add(csv_path, line, "image file not found", image=path)
         continue
       labels, mask = rec.apply_uncertainty(values, uncertainty, blank_masked=mask_unmentioned)
       boxes, box_labels = rec.no_boxes()

@@ -142,7 +142,8 @@ def read(manual_dir: str, *, mimic_dir: str, uncertainty: str = "zeros",
       problems.filtered(sheet, line, f"view {image.view!r} is not frontal (frontal_only)")
       continue
     if check_images and not os.path.isfile(image.path):
-      problems.add(sheet, line, f"image {image.path} not found")
+      problems.add(sheet, line, "image file not found", image=image.path,
+                   annotations=("gaze",))  # every master_sheet image was read with eye tracking
       continue
     labels, mask = rec.apply_uncertainty(values, uncertainty)
     kept.append((image, fields[columns["patient_id"]].strip(), labels, mask))

@@ -137,7 +137,7 @@ def read(manual_dir: str, *, uncertainty: str = "zeros", frontal_only: bool = Tr
       problems.add(file, line, f"study {image.study_id} has no row in {label_path}")
       continue
     if check_images and not os.path.isfile(image.path):
-      problems.add(file, line, f"image {image.path} not found")
+      problems.add(file, line, "image file not found", image=image.path)
       continue
     labels, mask = rec.apply_uncertainty(study_labels[image.study_id][0], uncertainty,
                                          blank_masked=mask_unmentioned)

@@ -18,7 +18,9 @@ without the inner folder is accepted as well).
 * ``only_present=True`` keeps only the rows whose image file exists (e.g. a
   partial download such as the 880-image sample); the others are recorded in
   ``Problems`` as 'missing image (skipped by only_present)'. Without it a
-  missing image is bad input (with ``check_images=True``).
+  missing image is bad input (with ``check_images=True``). Either way a missing
+  image that ``BBox_List_2017.csv`` boxes is marked (``annotations=['boxes']``),
+  so that ``Problems.annotated_missing`` names every box lost with its image.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DATA_ENTRY_FILES = ("Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv")
 BBOX_FILE = "BBox_List_2017.csv"
 FRONTAL_VIEWS = ("PA", "AP")
 SKIPPED_BY_ONLY_PRESENT = "missing image (skipped by only_present)"
+NOT_FOUND = "image not found in images/ or images_*/images/"
 
 # NIH14 class names and their synonyms (BBox_List's 'Infiltrate') -> class index.
 _CLASS_INDEX = {name: i for i, name in enumerate(schema.NIH14.classes)}
@@ -166,10 +169,10 @@ def read(manual_dir: str, *, uncertainty: str = "zeros", frontal_only: bool = Tr
     path = present.get(name)
     if path is None:
       if only_present:
-        problems.filtered(entry_path, line, SKIPPED_BY_ONLY_PRESENT)
+        problems.filtered(entry_path, line, SKIPPED_BY_ONLY_PRESENT, image=name)
         continue
       if check_images:
-        problems.add(entry_path, line, f"image {name!r} not found in images/ or images_*/images/")
+        problems.add(entry_path, line, NOT_FOUND, image=name)
         continue
       path = os.path.join(default_folder, name)
     if name in train_val and name in test:
@@ -180,6 +183,9 @@ def read(manual_dir: str, *, uncertainty: str = "zeros", frontal_only: bool = Tr
 
   bbox_path = os.path.join(manual_dir, BBOX_FILE)
   boxes = _read_boxes(bbox_path, set(seen), problems) if os.path.isfile(bbox_path) else {}
+  for entry in problems.entries:
+    if entry["reason"] in (SKIPPED_BY_ONLY_PRESENT, NOT_FOUND) and entry.get("image") in boxes:
+      entry["annotations"] = ["boxes"]
   labels = np.zeros((len(kept), len(schema.NIH14)), np.float32)
   for i, item in enumerate(kept):
     labels[i, item[5]] = 1

@@ -34,14 +34,13 @@ import collections
 import csv
 import dataclasses
 import gzip
-import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
 
+from cxr_jax import files
 from cxr_jax.data import schema
 
 UNCERTAINTY_POLICIES = ("zeros", "ones", "ignore")
@@ -79,24 +78,54 @@ def where(file: str, row: int | None) -> str:
   return f"{file}, line {row}" if row is not None else str(file)
 
 
+ANNOTATION_KINDS = ("boxes", "ellipses", "gaze")
+
+
+def annotations_of(record: Record) -> list[str]:
+  """What ``record`` carries of ``ANNOTATION_KINDS`` ('boxes', 'gaze'), in that order."""
+  return [name for name, values in (("boxes", record.box_labels), ("gaze", record.gaze))
+          if len(values)]
+
+
+def _entry(kind: str, file: str, row: int | None, reason: str, image: str | None,
+           annotations: Sequence[str]) -> dict:
+  entry = dict(kind=kind, file=str(file), row=row, reason=reason)
+  if image is not None:
+    entry["image"] = image
+  if annotations:
+    entry["annotations"] = list(annotations)
+  return entry
+
+
 class Problems:
   """Bad rows (``add``) and rows filtered on purpose (``filtered``) of one read.
 
   With ``skip_bad=False`` ``add`` raises ``BadInput`` at once; otherwise the
   row is recorded and the reader skips it. ``write`` saves the report as JSON.
+  An entry names its image (``image``) where the reader knows it; a row whose
+  image file is missing or unreadable also lists what annotations were lost
+  with it (``annotations``, of ``ANNOTATION_KINDS``): ``annotated_missing``.
   """
 
   def __init__(self, skip_bad: bool = False):
     self.skip_bad = skip_bad
     self.entries: list[dict] = []
 
-  def add(self, file: str, row: int | None, reason: str) -> None:
+  def add(self, file: str, row: int | None, reason: str, *, image: str | None = None,
+          annotations: Sequence[str] = ()) -> None:
     if not self.skip_bad:
-      raise BadInput(f"{where(file, row)}: {reason}")
-    self.entries.append(dict(kind="bad", file=str(file), row=row, reason=reason))
+      named = f"{image}: " if image is not None else ""
+      raise BadInput(f"{where(file, row)}: {named}{reason}")
+    self.entries.append(_entry("bad", file, row, reason, image, annotations))
 
-  def filtered(self, file: str, row: int | None, reason: str) -> None:
-    self.entries.append(dict(kind="filtered", file=str(file), row=row, reason=reason))
+  def filtered(self, file: str, row: int | None, reason: str, *, image: str | None = None,
+               annotations: Sequence[str] = ()) -> None:
+    self.entries.append(_entry("filtered", file, row, reason, image, annotations))
+
+  @property
+  def annotated_missing(self) -> list[dict]:
+    """The entries of images left out with their boxes / gaze (file missing or unreadable)."""
+    return [e for e in self.entries if e.get("annotations")]
 
   @property
   def count(self) -> int:
@@ -112,10 +141,11 @@ class Problems:
     return dict(collections.Counter(e["reason"] for e in self.entries))
 
   def write(self, path: str, max_filtered_listed: int = 100) -> None:
-    """Writes {count, bad_count, counts, entries} as JSON, atomically.
+    """Writes {count, bad_count, counts, entries, annotated_missing} as JSON, atomically.
 
     ``entries`` lists every bad row, and the first ``max_filtered_listed``
-    filtered rows of each reason (``counts`` has them all).
+    filtered rows of each reason (``counts`` has them all); ``annotated_missing``
+    lists every image left out with its annotations (``annotated_missing``), uncapped.
     """
     listed: collections.Counter = collections.Counter()
     entries = []
@@ -126,21 +156,42 @@ class Problems:
           continue
       entries.append(e)
     payload = dict(count=self.count, bad_count=self.bad_count, counts=self.counts(),
-                   entries=entries)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".problems-", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+                   entries=entries, annotated_missing=self.annotated_missing)
+    files.write_json_atomic(path, payload, indent=1)
+
+  def summary(self, names: int = 3, max_reasons: int = 10) -> list[str]:
+    """Console lines: the rows left out per reason (most frequent first, at most
+    ``max_reasons``) with the first ``names`` images (or file:line) of each, then the
+    count and first names of ``annotated_missing``. [] when nothing was left out."""
+    if not self.entries:
+      return []
+    by_reason: dict[str, list[dict]] = {}
+    for e in self.entries:
+      by_reason.setdefault(e["reason"], []).append(e)
+    ranked = sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    lines = [f"left out {self.count} rows ({self.bad_count} bad, "
+             f"{self.count - self.bad_count} filtered):"]
+    for reason, group in ranked[:max_reasons]:
+      lines.append(f"  {len(group):>7}  {reason}: {_names(group, names)}")
+    if len(ranked) > max_reasons:
+      rest = sum(len(g) for _, g in ranked[max_reasons:])
+      lines.append(f"  {rest:>7}  rows of {len(ranked) - max_reasons} more reasons")
+    annotated = self.annotated_missing
+    if annotated:
+      lines.append(f"{len(annotated)} images with boxes or gaze are missing or unreadable and "
+                   f"left out: {_names(annotated, 5)}")
+    return lines
 
   def __repr__(self) -> str:
     return f"Problems(count={self.count}, bad={self.bad_count}, counts={self.counts()})"
+
+
+def _names(entries: Sequence[dict], limit: int) -> str:
+  """'a.png, b.png, c.png, ... (+N)': the images (or file:line) of the first ``limit`` entries."""
+  shown = [e.get("image") or (f"{os.path.basename(e['file'])}:{e['row']}" if e["row"] is not None
+                              else os.path.basename(e["file"])) for e in entries[:limit]]
+  more = len(entries) - len(shown)
+  return ", ".join(shown) + (f", ... (+{more})" if more else "")
 
 
 def find_file(folder: str, *names: str) -> str | None:

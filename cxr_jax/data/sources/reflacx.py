@@ -212,7 +212,9 @@ def read(manual_dir: str, *, mimic_dir: str, uncertainty: str = "zeros",
       problems.add(first["file"], first["line"], f"readings of {dicom} disagree on the split")
       continue
     if check_images and not os.path.isfile(image.path):
-      problems.add(first["file"], first["line"], f"image {image.path} not found")
+      gazed = ["gaze"] if any(not g["discarded"] for g in group) else []
+      problems.add(first["file"], first["line"], "image file not found", image=image.path,
+                   annotations=["ellipses", *gazed])
       continue
     boxes, box_labels, gaze = [], [], []
     ok = True

@@ -3,13 +3,13 @@
   tfds build --imports=cxr_jax.data.tfds --datasets=cxr_nih/256 \\
       --manual_dir=/data/nih --data_dir=/data/prepared --file_format=array_record
 
-They write the features of ``prepared.features`` (the same as ``cxr-prepare``)
+They write the features of ``shards.features`` (the same as ``cxr-prepare``)
 into DATA_DIR/cxr_<dataset>/<config>/1.0.0, so ``data.data_dir=DATA_DIR``
 reads either. ``cxr-prepare`` is the faster route (parallel over cores,
 resumable, writes the split index ``cxr_index.json``; without it the index is
 rebuilt by reading every example once at startup). Configs: one per stored
 image size (224, 256, 512) with the default reader options (U-zeros, frontal
-views); ``CxrConfig`` builds others, named like ``prepared.config_name``.
+views); ``CxrConfig`` builds others, named like ``layout.config_name``.
 REFLACX and EGD-CXR take the MIMIC-CXR-JPG folder as ``mimic_dir=``.
 """
 
@@ -22,14 +22,14 @@ from typing import ClassVar
 from etils import epath
 import tensorflow_datasets as tfds
 
-from cxr_jax.data import prepared, schema
+from cxr_jax.data import layout, schema, shards
 
 IMAGE_SIZES = (224, 256, 512)
 
 
 @dataclasses.dataclass(kw_only=True)
 class CxrConfig(tfds.core.BuilderConfig):
-  """Stored image size and reader options; ``name`` = prepared.config_name(...)."""
+  """Stored image size and reader options; ``name`` = layout.config_name(...)."""
   image_size: int = 256
   uncertainty: str = "zeros"
   frontal_only: bool = True
@@ -37,7 +37,7 @@ class CxrConfig(tfds.core.BuilderConfig):
   @classmethod
   def make(cls, image_size: int, uncertainty: str = "zeros", frontal_only: bool = True
            ) -> CxrConfig:
-    return cls(name=prepared.config_name(image_size, uncertainty, frontal_only),
+    return cls(name=layout.config_name(image_size, uncertainty, frontal_only),
                description=f"{image_size}px gray PNG, {uncertainty} uncertainty, "
                            f"{'frontal views' if frontal_only else 'all views'}",
                image_size=image_size, uncertainty=uncertainty, frontal_only=frontal_only)
@@ -48,8 +48,8 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   DATASET: ClassVar[str]
   HOMEPAGE: ClassVar[str]
-  VERSION = tfds.core.Version(prepared.VERSION)
-  RELEASE_NOTES = {prepared.VERSION: "Official splits, images resized once, PNG in ArrayRecord."}
+  VERSION = tfds.core.Version(layout.VERSION)
+  RELEASE_NOTES = {layout.VERSION: "Official splits, images resized once, PNG in ArrayRecord."}
   BUILDER_CONFIGS = [CxrConfig.make(size) for size in IMAGE_SIZES]
   DEFAULT_CONFIG_NAME = "256"
 
@@ -65,31 +65,31 @@ class CxrBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(file_format=file_format or "array_record", **kwargs)
 
   def _label_space(self) -> schema.LabelSpace:
-    space = prepared.reader_module(self.DATASET).LABEL_SPACE
+    space = layout.reader_module(self.DATASET).LABEL_SPACE
     return schema.get_label_space(space) if isinstance(space, str) else space
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
     return self.dataset_info_from_configs(
         description=f"{self.DATASET} chest X-rays for cxr_jax ({config.description}).",
-        features=prepared.features(len(self._label_space()), config.image_size),
+        features=shards.features(len(self._label_space()), config.image_size),
         homepage=self.HOMEPAGE)
 
   def _split_generators(self, dl_manager):
     config = self.builder_config
     kwargs = dict(mimic_dir=self.mimic_dir) if self.DATASET in ("reflacx", "egd") else {}
-    records, _ = prepared.reader_module(self.DATASET).read(
+    records, _ = layout.reader_module(self.DATASET).read(
         str(dl_manager.manual_dir), uncertainty=config.uncertainty,
         frontal_only=config.frontal_only, **kwargs)
     by_split = {}
     for record in records:
-      by_split.setdefault(prepared.stored_split(record), []).append(record)
+      by_split.setdefault(layout.stored_split(record), []).append(record)
     return {split: self._generate_examples(recs) for split, recs in by_split.items()}
 
   def _generate_examples(self, records):
     size = self.builder_config.image_size
     for record in records:
-      yield record.id, prepared.encode_record(record, size)
+      yield record.id, shards.encode_record(record, size)
 
 
 class CxrNih(CxrBuilder):

@@ -1,6 +1,8 @@
-"""What a method declares: its model, its ordered stages, its predictions.
+"""The contract between a method and the trainer: ``Stage``, ``Method`` and their contexts.
 
-The trainer (``cxr_jax.train.trainer``) runs any ``Method``; it knows no paper.
+A method (``cxr_jax.methods``) declares its model, its ordered stages and its
+predictions; the trainer (``cxr_jax.train.trainer``) runs any ``Method`` it is
+handed and knows no paper.
 
 A stage's loss is a pure function
 
@@ -26,6 +28,8 @@ from typing import Any, NamedTuple, Protocol
 import flax.linen as nn
 import jax
 import ml_collections
+
+from cxr_jax.data.spec import DataSpec
 
 Params = Any
 Batch = Mapping[str, jax.Array]
@@ -54,29 +58,6 @@ LossFn = Callable[[LossContext, Params, Batch, jax.Array], tuple[jax.Array, dict
 
 
 @dataclasses.dataclass(frozen=True)
-class DataSpec:
-  """What a stage reads.
-
-  split: a split name the dataset provides ('train', 'val', 'test',
-    'annotated_train', 'annotated_val', ...).
-  maps: annotation maps rendered on the host into the batch as [N,H,W,1]
-    float32 in [0,1] ('gaze_map', 'box_map') or [N,P,P,K] ('box_grid').
-  augment: apply the config's training augmentations.
-  views: extra independently augmented copies of each image, batch keys
-    'view0', 'view1', ...: each a dict of augmentation fields merged over
-    ``config.data.augment`` (e.g. BYOL's asymmetric views).
-  overrides: '.'-paths into ``config.data`` replaced for this stage's data
-    (e.g. ``{'synthetic.seed': 1}``: pretraining on another dataset);
-    evaluation always reads ``config.data``.
-  """
-  split: str = "train"
-  maps: tuple[str, ...] = ()
-  augment: bool = True
-  views: tuple[Mapping[str, Any], ...] = ()
-  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
 class EarlyStopping:
   """Stop a stage when ``metric`` has not improved by ``tolerance`` (relative) for ``patience`` evals.
 
@@ -89,7 +70,44 @@ class EarlyStopping:
   tolerance: float = 0.01
 
 
-PLATEAU_SIGNALS = ("eval", "train_loss")  # Stage.plateau_signal
+PLATEAU_SIGNALS = ("eval", "train_loss")  # Validation.plateau_signal
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+  """How a stage evaluates itself while it trains (the trainer's own classification pass).
+
+  every: evaluate on ``split`` every this many stage steps and at the stage's end
+    (0 = never).
+  split: the split evaluated.
+  early_stopping: stop after ``patience`` evaluations without improvement (None: never).
+  select_best: end the stage with the best-evaluated params (by ``early_stopping.metric``,
+    or ``EarlyStopping().metric`` without it), kept in WORKDIR/best/<stage>.
+  plateau_signal: what a 'plateau' schedule is fed at each evaluation: 'eval' (the
+    monitored metric) or 'train_loss' (the mean training loss since the previous
+    evaluation).
+  """
+  every: int = 0
+  split: str = "val"
+  early_stopping: EarlyStopping | None = None
+  select_best: bool = True
+  plateau_signal: str = "eval"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """Optional functions a stage runs besides its loss.
+
+  init_extras: ``(params, extras) -> extras`` when the stage starts.
+  prepare: ``(PrepareContext) -> (params, extras)`` on the host when the stage starts
+    (not when resuming inside it: its results are in the checkpoint), after
+    ``init_extras``: passes over data between stages (e.g. an anchor image, disease
+    masks from CAMs) stored in params leaves no stage trains, or in extras.
+  update_extras: ``(state) -> state`` after each step, inside the jitted step (e.g. EMA).
+  """
+  init_extras: Callable[[Any, Any], Any] | None = None
+  prepare: Callable[["PrepareContext"], tuple[Any, Any]] | None = None
+  update_extras: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,24 +118,12 @@ class Stage:
     match none are frozen (optax.set_to_zero, stop_gradient, BatchNorm on
     running averages through ``apply_kwargs``).
   optimizer: ConfigDict read by ``cxr_jax.train.optim.make_optimizer``.
+  data: what the stage reads (``cxr_jax.data.spec.DataSpec``).
   apply_kwargs: extra keyword arguments of the model's ``__call__`` in this
     stage (e.g. ``{'train_backbone': False}``).
-  update_extras: optional ``(state) -> state`` run after each step, inside
-    the jitted step (e.g. EMA).
-  init_extras: optional ``(params, extras) -> extras`` run when the stage starts.
-  prepare: optional ``(PrepareContext) -> (params, extras)`` run on the host
-    when the stage starts (not when resuming inside it: its results are in
-    the checkpoint), after ``init_extras``: passes over data between stages
-    (e.g. an anchor image, disease masks from CAMs) stored in params leaves
-    no stage trains, or in extras.
   batch_size: global batch size of this stage (0 = ``config.batch_size``).
-  eval_every: evaluate on ``eval_split`` every this many stage steps and at the
-    stage's end (0 = never).
-  select_best: when the stage evaluates, end it with the best-evaluated params
-    (by ``early_stopping.metric``, or ``EarlyStopping().metric`` without it).
-  plateau_signal: what a 'plateau' schedule is fed at each evaluation: 'eval'
-    (the monitored metric on ``eval_split``) or 'train_loss' (the mean training
-    loss over the steps since the previous evaluation).
+  validation: evaluations during the stage (``Validation``).
+  hooks: ``Hooks`` (extras, host passes between stages).
   """
   name: str
   loss: LossFn
@@ -126,30 +132,25 @@ class Stage:
   trainable: tuple[str, ...] = (".*",)
   data: DataSpec = DataSpec()
   apply_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  eval_every: int = 0
-  eval_split: str = "val"
-  early_stopping: EarlyStopping | None = None
-  update_extras: Callable[[Any], Any] | None = None
-  init_extras: Callable[[Any, Any], Any] | None = None
-  prepare: Callable[["PrepareContext"], tuple[Any, Any]] | None = None
   batch_size: int = 0
-  select_best: bool = True
-  plateau_signal: str = "eval"
+  validation: Validation = Validation()
+  hooks: Hooks = Hooks()
+
+  def monitor(self) -> EarlyStopping:
+    """The metric the stage selects its best state / feeds its plateau schedule with."""
+    return self.validation.early_stopping or EarlyStopping()
 
 
 class Method(Protocol):
   """A paper, declared. See ``cxr_jax.methods.baseline`` for the smallest one.
 
-  Optional attribute ``pretrained_prefixes`` (default ``("backbone",)``): the
-  param subtrees that ``config.model.init_from`` weights are loaded into.
-
-  Optional method ``after_training(config, workdir, *, mesh, make_iterator,
-  evaluate)``: called by the trainer on every process after the final 'val' /
-  'test' evaluation of a run (its checkpoints written), with the run's mesh,
-  data iterator factory and evaluate function; for reports that need more than
-  the final params (e.g. VKD's Grad-CAM shift between its stages).
+  Reports (CAM boxes, patch grids, Eq. 5 shifts, ...) are not a method's: they are
+  evaluators (``cxr_jax.evaluation.evaluators``) that the config declares in
+  ``config.evals``.
   """
   name: str
+  # The param subtrees that ``config.model.init_from`` weights are loaded into.
+  pretrained_prefixes: tuple[str, ...]
 
   def model(self, config: ml_collections.ConfigDict) -> nn.Module:
     """The Flax module; ``init`` is called on a [1,H,W,C] image batch."""
