@@ -12,7 +12,7 @@ from flax import traverse_util
 import _trainer_worker as w
 from cxr_jax.train.stage import Stage
 from cxr_jax.methods.baseline import classification_loss
-from cxr_jax.train import optim, trainer
+from cxr_jax.train import optim
 from cxr_jax.train import step as train_step
 from cxr_jax.train.state import TrainState
 

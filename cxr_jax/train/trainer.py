@@ -53,13 +53,11 @@ import ml_collections
 import numpy as np
 
 from cxr_jax import errors, run_config
-from cxr_jax.data import layout
-from cxr_jax.data import splits as splits_lib
 from cxr_jax.evaluation import evaluators
 from cxr_jax.models import pretrained
-from cxr_jax.train import optim, parallel, preflight, progress
+from cxr_jax.train import checks, optim, parallel, preflight, progress
 from cxr_jax.train.checkpoint import Progress, RunCheckpoints
-from cxr_jax.train.stage import PLATEAU_SIGNALS, Method, PrepareContext, Stage
+from cxr_jax.train.stage import Method, PrepareContext, Stage
 from cxr_jax.train.state import TrainState
 from cxr_jax.train.step import (carry_over, init_variables, jit_train_step, make_train_step,
                                 stage_data_config, zero_accumulator)
@@ -90,53 +88,6 @@ def _improved(value: float, best: float | None, mode: str, tolerance: float = 0.
   return value > best + margin if mode == "max" else value < best - margin
 
 
-def check_stages(method: Method, stages: list[Stage]) -> None:
-  """Raises errors.UserError (a ValueError) for an empty or ill-formed stage list (names the
-  stage and field)."""
-  names = [s.name for s in stages]
-  if not stages or len(set(names)) != len(names):
-    raise errors.UserError(f"method {method.name!r}: stages must be a non-empty list of unique names, "
-                     f"got {names}")
-  for s in stages:
-    if s.steps < 1:
-      raise errors.UserError(f"method {method.name!r}: stage {s.name!r} has steps={s.steps}; need >= 1")
-    if s.validation.plateau_signal not in PLATEAU_SIGNALS:
-      raise errors.UserError(f"method {method.name!r}: stage {s.name!r} has plateau_signal "
-                       f"{s.validation.plateau_signal!r}; known: {list(PLATEAU_SIGNALS)}")
-
-
-def check_inputs(config: ml_collections.ConfigDict, stages: list[Stage], evals: list,
-                 mesh: jax.sharding.Mesh) -> None:
-  """Raises errors.UserError for what a run would otherwise meet only after its first writes:
-  a batch size the devices and processes do not divide, an unknown data.name or split name
-  (of a stage, its validation or a ``config.evals`` entry)."""
-  shards, processes = int(mesh.shape["data"]), jax.process_count()
-  sizes = [("config.batch_size", config.batch_size),
-           ("config.eval_batch_size", config.eval_batch_size)]
-  sizes += [(f"the batch size of stage {s.name!r}", s.batch_size) for s in stages if s.batch_size]
-  for key, size in sizes:
-    if size < 1 or size % shards or size % processes:
-      raise errors.UserError(f"{key}={size} must be a positive multiple of the {shards} devices "
-                             f"and {processes} process(es) the batch is sharded over")
-  reads = [(f"stage {s.name!r}: split", stage_data_config(config.data, s).name, s.data.split)
-           for s in stages]
-  reads += [(f"stage {s.name!r}: validation split", config.data.name, s.validation.split)
-            for s in stages if s.validation.every]
-  reads += [(f"config.evals.{d.name}.splits", _eval_data(d.evaluator, config).name, split)
-            for d in evals for split in d.evaluator.splits]
-  for where, name, split in reads:
-    try:
-      layout.check_data_name(name)
-    except KeyError as e:
-      raise errors.UnknownKey(f"config.{e.args[0]}" if name == config.data.name
-                              else f"{where.split(':')[0].removesuffix('.splits')} (its own "
-                                   f"data): {e.args[0]}") from None
-    try:
-      splits_lib.parse_split(split, name)
-    except KeyError as e:
-      raise errors.UnknownKey(f"{where}: {e.args[0]}") from None
-
-
 @dataclasses.dataclass
 class _Loop:
   """What one stage's training loop holds besides the state; ``acc``: the metrics summed on
@@ -153,30 +104,6 @@ class _Loop:
   step: int
   zeros: Any = None
   acc: Any = None
-
-
-def _eval_data(evaluator, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The ``config.data`` an evaluator reads (its own where its entry overrides ``data``)."""
-  return getattr(getattr(evaluator, "ctx", None), "config", config).data
-
-
-def check_config(config: ml_collections.ConfigDict, method: Method,
-                 mesh: jax.sharding.Mesh) -> None:
-  """``check_stages`` and ``check_inputs`` of the method's stages and the config's evaluators:
-  the config's errors as ``errors.UserError``, in milliseconds, before anything is read or
-  written."""
-  stages = list(method.stages(config))
-  check_stages(method, stages)
-  ctx = evaluators.EvalContext(config=config, workdir=None, method=method,
-                               model=method.model(config), mesh=mesh, make_iterator=None,
-                               evaluate=None)
-  try:
-    evals = evaluators.build_evals(ctx, [s.name for s in stages])
-  except KeyError as e:  # a config.evals entry's data override naming no field
-    raise errors.UnknownKey(e.args[0] if e.args else str(e)) from None
-  except ValueError as e:  # a config.evals entry's type, when or keyword arguments
-    raise errors.UserError(str(e)) from None
-  check_inputs(config, stages, evals, mesh)
 
 
 @dataclasses.dataclass
@@ -196,7 +123,7 @@ class _Run:
     self.config, self.workdir, self.method, self.mesh = config, workdir, method, mesh
     self.model = method.model(config)
     self.stages = list(method.stages(config))
-    check_stages(method, self.stages)
+    checks.check_stages(method, self.stages)
     self.make_iterator, self.evaluate = make_iterator, evaluate
     self.eval_ctx = evaluators.EvalContext(
         config=config, workdir=workdir, method=method, model=self.model, mesh=mesh,
@@ -487,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, metho
       whose data are not ``make_source``'s).
   """
   mesh = mesh or parallel.make_mesh()
-  check_config(config, method, mesh)
+  checks.check_config(config, method, mesh)
   if make_iterator is None:
     preflight.run(config, method, log=logging.info if jax.process_index() == 0 else None)
   run = _Run(config, os.path.abspath(workdir), method, make_iterator or _default_make_iterator,
