@@ -154,12 +154,12 @@ def test_cam_loss_gradient_through_grad_cam_matches_finite_differences(logit):
 def test_ema_update_constant_and_cosine_tau():
   params = {"backbone": {"w": jnp.full((2,), 1.0)}, "projector": {"w": jnp.full((3,), 2.0)},
             "probe": {"w": jnp.zeros(1)}}
-  extras = byol_cam.init_target(params, {})
+  extras = byol.init_target(params, {})
   assert set(extras["target"]) == {"backbone", "projector"}
   moved = {**params, "backbone": {"w": jnp.full((2,), 3.0)}}
   state = TrainState(step=jnp.int32(0), params=moved, batch_stats={}, opt_state=(),
                      extras=extras, rng=np.zeros(2, np.uint32))
-  out = byol_cam.ema_update(0.99, "constant", 10, state)
+  out = byol.ema_update(0.99, "constant", 10, state)
   np.testing.assert_allclose(out.extras["target"]["backbone"]["w"], 0.99 * 1 + 0.01 * 3)
   np.testing.assert_allclose(out.extras["target"]["projector"]["w"], 2.0)
   assert int(out.extras["ema_step"]) == 1
@@ -216,7 +216,7 @@ def test_pretrain_loss_label_path_follows_probe_variant():
       c.byol.probe_into_encoder = into_encoder
     model = BYOLNetwork(backbone=TinyBackbone(), num_classes=14, hidden_dim=16, projection_dim=8)
     variables = model.init(jax.random.key(0), batch["image"], mode="byol")
-    ctx = _context(model, variables, byol_cam.init_target(variables["params"], {}))
+    ctx = _context(model, variables, byol.init_target(variables["params"], {}))
     grad = lambda data: jax.flatten_util.ravel_pytree(jax.grad(
         lambda p: byol_cam.pretrain_loss(c.byol, ctx, p, data, jax.random.key(1))[0])(
             variables["params"])["backbone"])[0]

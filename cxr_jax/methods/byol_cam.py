@@ -17,7 +17,7 @@ Stages:
 
       with L_{theta,delta} the normalized MSE of Eq. 3 (symmetrised), the
       target network (backbone + projector) an EMA of the online one (Eq. 5,
-      ``ema_update``; tau fixed or BYOL's cosine schedule) in
+      ``models.byol.ema_update``; tau fixed or BYOL's cosine schedule) in
       ``TrainState.extras['target']``.
       Where the class score comes from: self-supervised pretraining has no
       classifier, so the class score y^c that Grad-CAM differentiates is a
@@ -72,10 +72,9 @@ from cxr_jax.losses import CAM_LOGITS, cam_loss, label_mask, symmetrised_byol_lo
 from cxr_jax.train.stage import (PLATEAU_SIGNALS, Batch, DataSpec, Hooks, LossContext, Stage,
                                   Validation)
 from cxr_jax.models.backbones import backbone_from_config
-from cxr_jax.models.byol import TAU_SCHEDULES, BYOLNetwork, tau_at
+from cxr_jax.models.byol import TAU_SCHEDULES, BYOLNetwork, ema_update, init_target
 from cxr_jax.models.classifier import linear_head_fn
 
-TARGET_PARTS = ("backbone", "projector")
 HEAD_INITS = ("auto", "fresh", "probe")
 
 
@@ -137,30 +136,6 @@ def finetune_loss(cam_weight: float, cam_relu: bool, cam_logit: str, ctx: LossCo
     loss = loss + cam_weight * l_cam
     metrics["cam"] = l_cam
   return loss, {"metrics": metrics, "batch_stats": batch_stats}
-
-
-# --------------------------------------------------------------------------- target network (Eq. 5)
-
-
-def online_parts(params) -> dict:
-  """The online parameters the target network mirrors: backbone and projector."""
-  return {k: params[k] for k in TARGET_PARTS}
-
-
-def init_target(params, extras) -> dict:
-  """Stage start: target = a copy of the online backbone + projector, EMA step 0."""
-  del extras
-  return {"target": jax.tree.map(jnp.array, online_parts(params)),
-          "ema_step": jnp.zeros((), jnp.int32)}
-
-
-def ema_update(base_tau: float, schedule: str, total_steps: int, state):
-  """Eq. 5 after each optimizer step: delta <- tau delta + (1 - tau) theta."""
-  extras = state.extras
-  tau = tau_at(extras["ema_step"], base_tau, schedule, total_steps)
-  target = jax.tree.map(lambda d, t: tau * d + (1.0 - tau) * t, extras["target"],
-                        online_parts(state.params))
-  return state.replace(extras={"target": target, "ema_step": extras["ema_step"] + 1})
 
 
 def head_from_probe(ctx) -> tuple[dict, dict]:

@@ -83,3 +83,29 @@ def tau_at(step: jax.Array, base_tau: float, schedule: str, total_steps: int) ->
     progress = jnp.minimum(step.astype(jnp.float32) / max(total_steps, 1), 1.0)
     return 1.0 - (1.0 - base_tau) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
   raise ValueError(f"unknown byol.tau_schedule {schedule!r}; known: {list(TAU_SCHEDULES)}")
+
+
+# The target network of Eq. 5 (Talasila 2023, after Grill et al. 2020): an exponential moving
+# average of the online backbone + projector, kept in the train state's extras.
+TARGET_PARTS = ("backbone", "projector")
+
+
+def online_parts(params) -> dict:
+  """The online parameters the target network mirrors: backbone and projector."""
+  return {k: params[k] for k in TARGET_PARTS}
+
+
+def init_target(params, extras) -> dict:
+  """Stage start: target = a copy of the online backbone + projector, EMA step 0."""
+  del extras
+  return {"target": jax.tree.map(jnp.array, online_parts(params)),
+          "ema_step": jnp.zeros((), jnp.int32)}
+
+
+def ema_update(base_tau: float, schedule: str, total_steps: int, state):
+  """Eq. 5 after each optimizer step: delta <- tau delta + (1 - tau) theta."""
+  extras = state.extras
+  tau = tau_at(extras["ema_step"], base_tau, schedule, total_steps)
+  target = jax.tree.map(lambda d, t: tau * d + (1.0 - tau) * t, extras["target"],
+                        online_parts(state.params))
+  return state.replace(extras={"target": target, "ema_step": extras["ema_step"] + 1})
