@@ -60,7 +60,8 @@ TO_REFLACX = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Enlarged cardiac si
               "Hernia": "Hiatal hernia"}
 
 
-def _write_csv(path, header, rows, gz=False):
+def write_csv(path, header, rows, gz=False):
+  """A CSV (gzipped with ``gz``) with ``header`` then ``rows``; folders created."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
     writer = csv.writer(f)
@@ -149,7 +150,7 @@ def chexpert_tree(root, num_train: int = 32, num_valid: int = 8) -> str:
       rows[part].append([f"CheXpert-v1.0-small/{rel}", "Female", "60", fl, appa] +
                         [cells.get(c, "") for c in CHEXPERT_HEADER[5:]])
   for part, name in (("train", "train.csv"), ("valid", "valid.csv")):
-    _write_csv(os.path.join(base, name), CHEXPERT_HEADER, rows[part])
+    write_csv(os.path.join(base, name), CHEXPERT_HEADER, rows[part])
   return base
 
 
@@ -187,10 +188,10 @@ def mimic_tree(root, num: int = 60) -> str:
         cells[name] = value if cells.get(name) != "1.0" else "1.0"
       if any(v != "0.0" for n, v in cells.items() if n not in ("No Finding", "Support Devices")):
         cells.pop("No Finding", None)   # a study with a finding is not 'No Finding'
-  _write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"), MIMIC_META_HEADER, meta, True)
-  _write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"),
+  write_csv(os.path.join(root, "mimic-cxr-2.0.0-metadata.csv.gz"), MIMIC_META_HEADER, meta, True)
+  write_csv(os.path.join(root, "mimic-cxr-2.0.0-split.csv.gz"),
              ["dicom_id", "study_id", "subject_id", "split"], split_rows, True)
-  _write_csv(os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv.gz"), MIMIC_LABEL_HEADER,
+  write_csv(os.path.join(root, "mimic-cxr-2.0.0-chexpert.csv.gz"), MIMIC_LABEL_HEADER,
              [[subject, study] + [cells.get(c, "") for c in MIMIC_LABEL_HEADER[2:]]
               for (subject, study), cells in studies.items()], True)
   return root
@@ -232,15 +233,15 @@ def reflacx_tree(root, num: int = 36) -> str:
     boxes, names = _pixels(example)
     ellipses = [box + [4] + [str(TO_REFLACX.get(n) == c) for c in classes if c != "Support devices"]
                 for box, n in zip(boxes, names) if n in TO_REFLACX]
-    _write_csv(os.path.join(main, reading, "anomaly_location_ellipses.csv"),
+    write_csv(os.path.join(main, reading, "anomaly_location_ellipses.csv"),
                ["xmin", "ymin", "xmax", "ymax", "certainty"] +
                [c for c in classes if c != "Support devices"], ellipses)
     if not discarded:
       t = np.cumsum(np.r_[0.0, _fixations(example)[:, 2]])
-      _write_csv(os.path.join(main, reading, "fixations.csv"), REFLACX_FIXATIONS,
+      write_csv(os.path.join(main, reading, "fixations.csv"), REFLACX_FIXATIONS,
                  [[t[j], t[j + 1], x, y, 0.5] for j, (x, y, _) in
                   enumerate(_fixations(example))])
-  _write_csv(os.path.join(main, "metadata_phase_3.csv"), REFLACX_META + list(classes), rows)
+  write_csv(os.path.join(main, "metadata_phase_3.csv"), REFLACX_META + list(classes), rows)
   return str(root)
 
 
@@ -260,10 +261,10 @@ def egd_tree(root, first: int = 20, num: int = 30) -> str:
     for j, (x, y, seconds) in enumerate(_fixations(example)):
       fixations.append(["1", "1", m["dicom"], j, x / IMAGE_SIZE, y / IMAGE_SIZE, seconds, j, x, y])
     anatomy += [[m["dicom"], "right lung", 8, 30, 8, 52], [m["dicom"], "left lung", 34, 56, 8, 52]]
-  _write_csv(os.path.join(root, "master_sheet.csv"),
+  write_csv(os.path.join(root, "master_sheet.csv"),
              ["dicom_id", "path", "study_id", "patient_id", "Normal", "CHF", "pneumonia"], sheet)
-  _write_csv(os.path.join(root, "fixations.csv"), EGD_FIXATIONS, fixations)
-  _write_csv(os.path.join(root, "bounding_boxes.csv"),
+  write_csv(os.path.join(root, "fixations.csv"), EGD_FIXATIONS, fixations)
+  write_csv(os.path.join(root, "bounding_boxes.csv"),
              ["dicom_id", "bbox_name", "x1", "x2", "y1", "y2"], anatomy)
   return root
 

@@ -54,9 +54,10 @@ def test_exception_inside_atomic_open_leaves_the_old_file_and_no_temp(tmp_path):
     with files.atomic_path(str(tmp_path / "new.bin")):
       raise KeyboardInterrupt
   assert sorted(os.listdir(tmp_path)) == ["shard.bin"]
-  with pytest.raises(ValueError, match="write mode"):
-    with files.atomic_open(str(path), "ab"):
-      pass
+  with pytest.raises(ValueError, match="write mode"):   # appending cannot be made atomic
+    with files.atomic_open(str(path), "ab") as f:
+      f.write(b"appended")
+  assert path.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["shard.bin"]
 
 
 def test_json_that_does_not_serialize_leaves_the_old_file(tmp_path):

@@ -1,7 +1,5 @@
 """CheXpert, MIMIC-CXR-JPG, REFLACX and EGD-CXR readers on tiny trees in the documented layouts."""
 
-import csv
-import gzip
 import os
 
 import cv2
@@ -11,6 +9,7 @@ import pytest
 from cxr_jax.data import schema
 from cxr_jax.data.sources import chexpert, egd, mimic, reflacx
 from cxr_jax.data.sources import records as rec
+from fixtures_real import write_csv
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding",
                    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion",
@@ -32,14 +31,6 @@ REFLACX_FIXATION_HEADER = (
     "ymin_shown_from_image, xmax_shown_from_image, ymax_shown_from_image, "
     "xmin_in_screen_coordinates, ymin_in_screen_coordinates, xmax_in_screen_coordinates, "
     "ymax_in_screen_coordinates")
-
-
-def _write_csv(path, header, rows, gz=False):
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
 
 
 def _image(path, width=40, height=30, value=100):
@@ -115,7 +106,7 @@ def _chexpert_tree(root, folder="CheXpert-v1.0-small", train=CHEXPERT_TRAIN, mis
                  [cells.get(c, "") for c in CHEXPERT_HEADER[5:]])
       if path not in missing:
         _image(base / path)
-    _write_csv(base / name, CHEXPERT_HEADER, out)
+    write_csv(base / name, CHEXPERT_HEADER, out)
   return base
 
 
@@ -170,7 +161,7 @@ def test_chexpert_bad_input(tmp_path):
 
 def test_unique_rows_reports_repeats_with_the_first_place_across_files(tmp_path):
   for name, ids in (("a.csv", ["x", "y", " x"]), ("b.csv", ["z", "y"])):
-    _write_csv(str(tmp_path / name), ["id", "v"], [[i, "1"] for i in ids])
+    write_csv(str(tmp_path / name), ["id", "v"], [[i, "1"] for i in ids])
   problems, seen, kept = rec.Problems(skip_bad=True), {}, []
   for name in ("a.csv", "b.csv"):
     path = str(tmp_path / name)
@@ -215,14 +206,14 @@ def _mimic_tree(root, labels=MIMIC_STUDY_LABELS, gz=True):
                  "postero-anterior", "", "Erect"])
     _image(root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom}.jpg", w, h)
   sfx = ".csv.gz" if gz else ".csv"
-  _write_csv(str(root / f"mimic-cxr-2.0.0-metadata{sfx}"), meta_header, meta, gz)
+  write_csv(str(root / f"mimic-cxr-2.0.0-metadata{sfx}"), meta_header, meta, gz)
   subjects = {study: subject for _, subject, study, _, _ in MIMIC_IMAGES}
-  _write_csv(str(root / f"mimic-cxr-2.0.0-chexpert{sfx}"), MIMIC_LABEL_HEADER,
+  write_csv(str(root / f"mimic-cxr-2.0.0-chexpert{sfx}"), MIMIC_LABEL_HEADER,
              [[subjects[s], s] + [cells.get(c, "") for c in MIMIC_LABEL_HEADER[2:]]
               for s, cells in labels.items()], gz)
   # Split table with its columns in another order: read by name.
   splits = {"d-a1": "train", "d-a2": "train", "d-b1": "validate", "d-c1": "test"}
-  _write_csv(str(root / f"mimic-cxr-2.0.0-split{sfx}"),
+  write_csv(str(root / f"mimic-cxr-2.0.0-split{sfx}"),
              ["split", "subject_id", "dicom_id", "study_id"],
              [[splits[d], s, d, st] for d, s, st, _, _ in MIMIC_IMAGES], gz)
   return root
@@ -277,19 +268,19 @@ def _reflacx_tree(root, mimic_root, phase1_labels=PHASE1_LABELS):
       ["P1R2", "train", "True", "files/p10/p10000032/s50414267/d-a1.dcm", "d-a1", "10000032",
        40, 30, "0", "5", "0", "3", "0", "False", "True"],
   ]
-  _write_csv(str(main / "metadata_phase_1.csv"), REFLACX_META + phase1_labels, phase1)
+  write_csv(str(main / "metadata_phase_1.csv"), REFLACX_META + phase1_labels, phase1)
   phase3 = [["P3R1", "validate", "False", "files/p11/p11000011/s51111111/d-b1.dcm", "d-b1",
              "11000011", 50, 40, "4", "1", "0", "", "0", "True"]]
-  _write_csv(str(main / "metadata_phase_3.csv"), REFLACX_META + PHASE3_LABELS, phase3)
+  write_csv(str(main / "metadata_phase_3.csv"), REFLACX_META + PHASE3_LABELS, phase3)
   ellipse_header = ["xmin", "ymin", "xmax", "ymax", "certainty"]
-  _write_csv(str(main / "P1R1" / "anomaly_location_ellipses.csv"), ellipse_header + phase1_labels, [
+  write_csv(str(main / "P1R1" / "anomaly_location_ellipses.csv"), ellipse_header + phase1_labels, [
       [4, 3, 20, 15, 4, "False", "False", "False", "True", "True", "False", "False"],
       [30, 20, 45, 35, 5, "False", "False", "True", "False", "False", "False", "False"],
       [1, 1, 5, 5, 2, "False", "True", "False", "False", "False", "False", "False"],
   ])
-  _write_csv(str(main / "P1R2" / "anomaly_location_ellipses.csv"), ellipse_header + phase1_labels, [
+  write_csv(str(main / "P1R2" / "anomaly_location_ellipses.csv"), ellipse_header + phase1_labels, [
       [0, 0, 10, 10, 5, "False", "True", "False", "False", "False", "False", "False"]])
-  _write_csv(str(main / "P3R1" / "anomaly_location_ellipses.csv"), ellipse_header + PHASE3_LABELS, [
+  write_csv(str(main / "P3R1" / "anomaly_location_ellipses.csv"), ellipse_header + PHASE3_LABELS, [
       [10, 10, 30, 20, 3, "True", "False", "False", "False", "False", "False"]])
   pad = [0.5] * 13
   with open(main / "P1R1" / "fixations.csv", "w") as f:
@@ -378,18 +369,18 @@ def _egd_tree(root, mimic_root, normal_cell="0"):
        0, 0, 0, 0, "pna", "J18", "0", "0", "0", "1"]
       + [cells_c.get(c, "") for c in chx] + ["fever"],
   ]
-  _write_csv(str(root / "master_sheet.csv"), header, rows)
+  write_csv(str(root / "master_sheet.csv"), header, rows)
 
   def fixation(dicom, fid, duration, x, y):
     row = dict.fromkeys(EGD_FIXATION_HEADER, "0")
     row.update(SESSION_ID="1", DICOM_ID=dicom, FPOGD=duration, FPOGID=fid, X_ORIGINAL=x,
                Y_ORIGINAL=y)
     return [row[k] for k in EGD_FIXATION_HEADER]
-  _write_csv(str(root / "fixations.csv"), EGD_FIXATION_HEADER, [
+  write_csv(str(root / "fixations.csv"), EGD_FIXATION_HEADER, [
       fixation("d-a1", 1, 0.3, 20, 15), fixation("d-a1", 1, 0.1, 20, 15),   # one fixation, twice
       fixation("d-a1", 2, 0.2, -1, -1), fixation("d-a1", 3, 0.5, 10, 6),
       fixation("d-c1", 1, 0.7, 30, 10), fixation("d-other", 1, 0.7, 30, 10)])
-  _write_csv(str(root / "bounding_boxes.csv"), ["dicom_id", "bbox_name", "x1", "x2", "y1", "y2"], [
+  write_csv(str(root / "bounding_boxes.csv"), ["dicom_id", "bbox_name", "x1", "x2", "y1", "y2"], [
       ["d-a1", "right lung", 4, 18, 3, 27], ["d-a1", "heart", 16, 30, 12, 24],
       ["d-c1", "left lung", 20, 44, 4, 36]])
   return root

@@ -64,7 +64,7 @@ def write_pr_comparison(curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.nd
     ax.plot(recall, precision, lw=1.4, label=f"{name} (AP {ap:.3f})")
   ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision", title=title)
   ax.legend(loc="lower left", fontsize=7)
-  files.write_bytes_atomic(out_path, report._png_bytes(fig))  # pylint: disable=protected-access
+  report.write_png(out_path, fig)
   return out_path
 
 
@@ -188,7 +188,7 @@ def write_cam_panel(images: np.ndarray, boxes: np.ndarray, box_labels: np.ndarra
   figure title ``title``, a legend of the box colours (``threshold``: the binarization
   that read the green boxes) and a colour bar of the maps. Written atomically."""
   fig = cam_panel_figure(images, boxes, box_labels, compared, titles, title, threshold)
-  files.write_bytes_atomic(out_path, report._png_bytes(fig))  # pylint: disable=protected-access
+  report.write_png(out_path, fig)
   return out_path
 
 

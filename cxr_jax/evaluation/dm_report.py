@@ -17,30 +17,23 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from cxr_jax import files
 from cxr_jax.data import anatomy, schema
+from cxr_jax.evaluation import report
 from cxr_jax.models import alignment
 
 NUM_EXAMPLES = 8
 MASK_TITLES = {"dm": "disease masks (Eq. 3)", "pdm": "pseudo-disease masks"}
 MASK_LABEL = "mask psi (0 = off, 1 = on)"
-
-
-def _png(fig: Figure) -> bytes:
-  buffer = io.BytesIO()
-  FigureCanvasAgg(fig).print_png(buffer)
-  return buffer.getvalue()
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -75,7 +68,7 @@ def write_mask_panel(path: str, psi: np.ndarray, anchor: np.ndarray,
                      class_names: Sequence[str], title: str) -> None:
   """PNG like Kim's Fig. 3: each class's mask (upsampled) over the anchor image, with the
   masks' colour bar."""
-  files.write_bytes_atomic(path, _png(mask_panel_figure(psi, anchor, class_names, title)))
+  report.write_png(path, mask_panel_figure(psi, anchor, class_names, title))
 
 
 def aligned_figure(images: np.ndarray, aligned: np.ndarray, anchor: np.ndarray,
@@ -101,7 +94,7 @@ def write_aligned_examples(path: str, images: np.ndarray, aligned: np.ndarray,
                            anchor: np.ndarray, title: str = "Alignment") -> None:
   """PNG like Kim's Fig. 4: original images (top), aligned (bottom), the anchor on the right,
   under the figure title ``title``."""
-  files.write_bytes_atomic(path, _png(aligned_figure(images, aligned, anchor, title)))
+  report.write_png(path, aligned_figure(images, aligned, anchor, title))
 
 
 def pose_summary(residual: dict[str, np.ndarray]) -> dict[str, float]:

@@ -26,6 +26,11 @@ from cxr_jax.files import write_bytes_atomic
 ISO_F1 = (0.2, 0.4, 0.6, 0.8)
 
 
+def write_png(path: str, fig: Figure) -> None:
+  """``fig`` rendered on the Agg canvas, written to ``path`` as PNG (atomically)."""
+  write_bytes_atomic(path, _png_bytes(fig))
+
+
 def _png_bytes(fig: Figure) -> bytes:
   buffer = io.BytesIO()
   FigureCanvasAgg(fig).print_png(buffer)
@@ -128,8 +133,8 @@ def write_curves(probs, labels, mask, class_names: Sequence[str], out_dir: str,
   """
   roc_fig, pr_fig = curve_figures(probs, labels, mask, class_names, prefix, title)
   paths = [os.path.join(out_dir, f"roc_{prefix}.png"), os.path.join(out_dir, f"pr_{prefix}.png")]
-  write_bytes_atomic(paths[0], _png_bytes(roc_fig))
-  write_bytes_atomic(paths[1], _png_bytes(pr_fig))
+  write_png(paths[0], roc_fig)
+  write_png(paths[1], pr_fig)
   return paths
 
 
@@ -208,5 +213,5 @@ def write_overlays(images, heatmaps, gt_boxes: Sequence, pred_boxes: Sequence, o
   """
   fig = overlay_figure(images, heatmaps, gt_boxes, pred_boxes, titles, title,
                        pred_label=pred_label, heat_label=heat_label)
-  write_bytes_atomic(out_path, _png_bytes(fig))
+  write_png(out_path, fig)
   return out_path
